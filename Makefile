@@ -1,0 +1,38 @@
+# epmoe — two commands: `make train` and `make test`. Each sets everything up first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Pinned: a CPU wheel of exactly this version is on the build machines; any other version
+# or range pulls a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+
+.PHONY: help install train test bench lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 10
+
+install: $(STAMP)  ## create .venv with torch and epmoe[dev] (quick when already done)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: install  ## the main job: a small MoE training run on the built-in corpus
+	$(PY) -m epmoe.train $(ARGS)
+
+test: install  ## the test suite (CPU, a few minutes)
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: install  ## MoE layer vs dense floor benchmark
+	$(PY) benchmarks/layer.py $(ARGS)
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check epmoe comm launch tests benchmarks
+	$(VENV)/bin/ruff format --check epmoe comm launch tests benchmarks
+
+clean:  ## remove the venv and run outputs
+	rm -rf $(VENV) outputs multirun

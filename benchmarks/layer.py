@@ -1,0 +1,201 @@
+"""MoE layer vs dense floor: forward + backward of one MoE layer against a FLOP-equivalent dense MLP.
+
+What is measured, in one process on the same tokens x_BSD (B=8, S=1024, D=512, requires_grad):
+
+- MoE: `epmoe.model.moe.MoE` built from ModelConfig / RouterConfig as in training (dropless,
+  softmax top-k, batch aux loss on, module in training mode). Backward runs through the output
+  with a fixed random grad_output g_BSD and through the aux loss with grad 1, as `loss + aux`
+  would. Both expert paths run on identical weights (hence identical routing):
+  `grouped` (torch._grouped_mm, the fast path) and `loop` (the for-loop reference).
+- dense floor: `epmoe.model.experts.MLP` (SwiGLU) with hidden = top_k x expert_hidden. Each token
+  then does the same matmul FLOPs as in the MoE's experts (T*k rows of D -> F -> D vs T rows of
+  D -> k*F -> D); the MoE adds only the router's D x E gate (<= 1% here), so any gap is overhead.
+
+Workloads: coarse (E=8, k=2, expert hidden 1024) and fine-grained (E=64, k=8, expert hidden 256),
+8192 tokens each; both have a dense floor of hidden 2048. Rows in fp32, and in bf16 autocast
+(torch.autocast("cpu", dtype=torch.bfloat16)) against the bf16-autocast dense floor.
+
+Timing: time.perf_counter around fwd+bwd (CPU, so synchronous), grads set to None between steps
+(outside the timed region), median of `--steps` timed steps after `--warmup` untimed ones. The
+paths of one (workload, dtype) take turns step by step so that drift in machine load hits them
+alike. torch's default thread count.
+
+Reading the table: ratio = MoE median / dense-floor median. 1.00 means routing, permutation and
+the grouped GEMM cost nothing beyond the matmuls a dense layer of the same active size does.
+Goal: ratio <= 1.10 for the grouped path; it must stay <= 1.25. The loop path is the readable
+reference and is shown for scale, not held to the goal.
+
+    .venv/bin/python benchmarks/layer.py [--steps 5] [--warmup 2] [--workload all] [--dtype all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from epmoe.config import ModelConfig, RouterConfig
+from epmoe.model.experts import MLP
+from epmoe.model.moe import MoE
+
+GOAL, LIMIT = 1.10, 1.25
+B, S, D = 8, 1024, 512
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    num_experts: int
+    top_k: int
+    expert_hidden: int
+
+
+WORKLOADS = {
+    "coarse": Workload("coarse", num_experts=8, top_k=2, expert_hidden=1024),
+    "fine": Workload("fine", num_experts=64, top_k=8, expert_hidden=256),
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: no autocast
+PATHS = ("grouped", "loop")
+
+Step = Callable[[], float]
+
+
+def autocast(dtype: torch.dtype | None) -> torch.autocast:
+    """CPU autocast to `dtype`, or a disabled one for None (plain fp32)."""
+    return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def build_moe(wl: Workload, impl: str) -> MoE:
+    model_cfg = ModelConfig(
+        d_model=D,
+        num_experts=wl.num_experts,
+        expert_hidden=wl.expert_hidden,
+        activation="swiglu",
+        n_shared_experts=0,
+        expert_impl=impl,
+    )
+    router_cfg = RouterConfig(
+        top_k=wl.top_k, score_func="softmax", aux_loss="batch", aux_loss_coef=0.01, capacity_factor=None
+    )
+    return MoE(model_cfg, router_cfg).train()
+
+
+def moe_step(moe: MoE, x_BSD: torch.Tensor, g_BSD: torch.Tensor, autocast_dtype: torch.dtype | None) -> Step:
+    """One timed fwd+bwd of the MoE layer: output with grad g_BSD, aux loss with grad 1."""
+
+    def step() -> float:
+        moe.zero_grad(set_to_none=True)
+        x_BSD.grad = None
+        t0 = time.perf_counter()
+        with autocast(autocast_dtype):
+            y_BSD, routing = moe(x_BSD)
+        torch.autograd.backward(
+            [y_BSD, routing.aux_loss], [g_BSD.to(y_BSD.dtype), torch.ones_like(routing.aux_loss)]
+        )
+        return time.perf_counter() - t0
+
+    return step
+
+
+def dense_step(
+    mlp: MLP, x_BSD: torch.Tensor, g_BSD: torch.Tensor, autocast_dtype: torch.dtype | None
+) -> Step:
+    """One timed fwd+bwd of the dense floor with the same grad_output."""
+
+    def step() -> float:
+        mlp.zero_grad(set_to_none=True)
+        x_BSD.grad = None
+        t0 = time.perf_counter()
+        with autocast(autocast_dtype):
+            y_BSD = mlp(x_BSD)
+        y_BSD.backward(g_BSD.to(y_BSD.dtype))
+        return time.perf_counter() - t0
+
+    return step
+
+
+def median_ms(steps: dict[str, Step], warmup: int, timed: int) -> dict[str, float]:
+    """Median ms per step of each entry; the entries take turns every step."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + timed):
+        for name, step in steps.items():
+            dt = step()
+            if i >= warmup:
+                times[name].append(dt)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def bench(wl: Workload, dtype_name: str, warmup: int, timed: int) -> list[tuple[str, float, float]]:
+    """(path, MoE median ms, dense median ms) for one workload and dtype."""
+    autocast_dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    x_BSD = torch.randn(B, S, D, requires_grad=True)
+    g_BSD = torch.randn(B, S, D)
+    moes = {"grouped": build_moe(wl, "grouped")}
+    moes["loop"] = build_moe(wl, "loop")
+    moes["loop"].load_state_dict(moes["grouped"].state_dict())  # same weights -> same routing and work
+    dense = MLP(D, wl.top_k * wl.expert_hidden, "swiglu")
+
+    # sanity: both paths compute the same layer (a benchmark of a wrong result is worthless)
+    with torch.no_grad(), autocast(autocast_dtype):
+        y_grouped, routing = moes["grouped"](x_BSD)
+        y_loop, _ = moes["loop"](x_BSD)
+    counts_E = routing.counts_E.float()
+    print(
+        f"{wl.name}/{dtype_name}: grouped vs loop max rel diff {max_rel_diff(y_grouped, y_loop):.1e}, "
+        f"expert load max/mean {(counts_E.max() / counts_E.mean()).item():.2f}",
+        flush=True,
+    )
+    del y_grouped, y_loop, routing
+
+    steps = {path: moe_step(moes[path], x_BSD, g_BSD, autocast_dtype) for path in PATHS}
+    steps["dense"] = dense_step(dense, x_BSD, g_BSD, autocast_dtype)
+    ms = median_ms(steps, warmup, timed)
+    return [(path, ms[path], ms["dense"]) for path in PATHS]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per path (median taken)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per path first")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument("--dtype", choices=[*DTYPES, "all"], default="all")
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps ({args.steps}) must be >= 1 and --warmup ({args.warmup}) >= 0")
+
+    workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    dtypes = list(DTYPES) if args.dtype == "all" else [args.dtype]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; tokens {B}x{S}, d_model {D}; "
+        f"median of {args.steps} steps after {args.warmup} warm-up",
+        flush=True,
+    )
+    rows = []
+    for wl_name in workloads:
+        for dtype_name in dtypes:
+            for path, moe_ms, dense_ms in bench(WORKLOADS[wl_name], dtype_name, args.warmup, args.steps):
+                rows.append((wl_name, dtype_name, path, moe_ms, dense_ms, moe_ms / dense_ms))
+
+    header = f"{'workload':<9} {'dtype':<5} {'path':<8} {'median ms':>10} {'dense ms':>9} {'MoE/dense':>9}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for wl_name, dtype_name, path, moe_ms, dense_ms, ratio in rows:
+        mark = (
+            ""
+            if path != "grouped"
+            else ("  ok" if ratio <= GOAL else ("  above goal" if ratio <= LIMIT else "  OVER LIMIT"))
+        )
+        print(f"{wl_name:<9} {dtype_name:<5} {path:<8} {moe_ms:>10.1f} {dense_ms:>9.1f} {ratio:>9.2f}{mark}")
+    print(f"\ngrouped-path goal: MoE/dense <= {GOAL:.2f}, limit <= {LIMIT:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Typed config schemas for every Hydra group, and their semantic validation.
+
+Hydra stays at the edges (`epmoe/train/__main__.py`, later `launch/`): it composes YAML from
+`conf/` onto these dataclasses (unknown keys and wrong types fail there), converts the result
+to a plain `Config`, and everything inside the library receives dataclasses only.
+
+`validate(cfg)` checks what types cannot (ranges, divisibility, mutually exclusive options)
+and raises `ConfigError` with a one-line message that names the value and what would work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # FFN layout: layer i is MoE iff num_experts > 0, i >= first_dense_layers and
+    # (i - first_dense_layers) % moe_every == 0; every other layer is a dense FFN.
+    num_experts: int = 8
+    moe_every: int = 1
+    first_dense_layers: int = 0
+    dense_hidden: int = 1024  # hidden size of dense FFN layers
+    expert_hidden: int = 256  # per-expert hidden size, independent of d_model (fine-grained)
+    activation: str = "swiglu"  # swiglu | gelu
+    n_shared_experts: int = 0
+    shared_hidden: int = 256  # hidden size of each shared expert
+    expert_impl: str = "auto"  # auto | grouped | loop  (loop = the kept reference path)
+    tie_embeddings: bool = True
+
+
+@dataclass
+class RouterConfig:
+    top_k: int = 2
+    score_func: str = "softmax"  # softmax | sigmoid
+    renormalize: bool = True  # renormalise the top-k weights to sum to 1
+    routed_scaling: float = 1.0  # DeepSeek-V3's routed scaling factor on the routed output
+    n_groups: int = 1  # group-limited routing: experts split into n_groups groups ...
+    topk_groups: int = 1  # ... of which each token may use topk_groups
+    aux_loss: str = "batch"  # none | batch (Switch/GShard) | sequence (DeepSeek-V3)
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 = off
+    capacity_factor: float | None = None  # None = dropless
+    drop_policy: str = "position"  # position | probability
+
+
+@dataclass
+class DataConfig:
+    kind: str = "stdlib"  # stdlib | text | jsonl | bin
+    path: str | None = None  # file or folder for text, a file for jsonl and bin
+    seq_len: int = 256
+    val_fraction: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    precision: str = "bf16"  # fp32 | bf16 (autocast)
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0 = only at the end
+    resume: str | None = None  # a checkpoint file, or a run directory holding checkpoints
+    sample_bytes: int = 200  # length of the generated text sample at the end; 0 = off
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda
+
+
+@dataclass
+class LoggerConfig:
+    console: bool = True
+    progress: bool = True  # a progress bar on stderr
+    jsonl: bool = True
+    plots: bool = True
+    wandb: bool = False
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "epmoe"
+    wandb_entity: str | None = None
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees. Only the single-process layout runs until expert parallelism lands."""
+
+    dp: int = 1
+    ep: int = 1
+
+
+@dataclass
+class PlacementConfig:
+    policy: str = "contiguous"
+
+
+@dataclass
+class CommConfig:
+    backend: str = "torch"
+    dispatcher: str = "local"
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # one process, no launcher
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas so `conf/config.yaml` and every group YAML is type-checked."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, schema in [
+        ("model", ModelConfig),
+        ("router", RouterConfig),
+        ("data", DataConfig),
+        ("train", TrainConfig),
+        ("logger", LoggerConfig),
+        ("parallel", ParallelConfig),
+        ("placement", PlacementConfig),
+        ("comm", CommConfig),
+        ("launcher", LauncherConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} ({value}) must be > 0")
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError on the first value that cannot work; return cfg unchanged otherwise."""
+    m, r, d, t, lg = cfg.model, cfg.router, cfg.data, cfg.train, cfg.logger
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "moe_every"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) / model.n_heads ({m.n_heads}) must be an even "
+            "integer head size (RoPE rotates pairs)"
+        )
+    if m.num_experts < 0 or m.first_dense_layers < 0 or m.n_shared_experts < 0:
+        raise ConfigError("model.num_experts, first_dense_layers and n_shared_experts must be >= 0")
+    _positive("model.dense_hidden", m.dense_hidden)
+    _positive("model.expert_hidden", m.expert_hidden)
+    _positive("model.shared_hidden", m.shared_hidden)
+    _choice("model.activation", m.activation, ("swiglu", "gelu"))
+    _choice("model.expert_impl", m.expert_impl, ("auto", "grouped", "loop"))
+    if m.num_experts > 0:
+        if not 1 <= r.top_k <= m.num_experts:
+            raise ConfigError(
+                f"router.top_k ({r.top_k}) must be between 1 and model.num_experts ({m.num_experts})"
+            )
+        if r.n_groups < 1 or m.num_experts % r.n_groups:
+            raise ConfigError(
+                f"model.num_experts ({m.num_experts}) must be divisible by router.n_groups ({r.n_groups})"
+            )
+        if not 1 <= r.topk_groups <= r.n_groups:
+            raise ConfigError(
+                f"router.topk_groups ({r.topk_groups}) must be between 1 and router.n_groups ({r.n_groups})"
+            )
+        if r.n_groups > 1 and r.topk_groups * (m.num_experts // r.n_groups) < r.top_k:
+            raise ConfigError(
+                f"router.topk_groups ({r.topk_groups}) groups of {m.num_experts // r.n_groups} experts "
+                f"hold fewer than router.top_k ({r.top_k}) experts; raise topk_groups"
+            )
+    _choice("router.score_func", r.score_func, ("softmax", "sigmoid"))
+    _choice("router.aux_loss", r.aux_loss, ("none", "batch", "sequence"))
+    _choice("router.drop_policy", r.drop_policy, ("position", "probability"))
+    if r.aux_loss_coef < 0 or r.z_loss_coef < 0 or r.bias_update_rate < 0:
+        raise ConfigError("router.aux_loss_coef, z_loss_coef and bias_update_rate must be >= 0")
+    if r.capacity_factor is not None:
+        _positive("router.capacity_factor", r.capacity_factor)
+    _positive("router.routed_scaling", r.routed_scaling)
+
+    _choice("data.kind", d.kind, ("stdlib", "text", "jsonl", "bin"))
+    if d.kind != "stdlib" and not d.path:
+        raise ConfigError(f"data.kind={d.kind} needs data.path (a file or folder)")
+    _positive("data.seq_len", d.seq_len)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); raise max_seq_len"
+        )
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction ({d.val_fraction}) must be in (0, 1)")
+
+    for name in ("steps", "batch_size", "grad_accum", "lr", "eval_batches", "log_every"):
+        _positive(f"train.{name}", getattr(t, name))
+    if t.warmup_steps < 0 or t.eval_every < 0 or t.checkpoint_every < 0 or t.sample_bytes < 0:
+        raise ConfigError("train.warmup_steps, eval_every, checkpoint_every and sample_bytes must be >= 0")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio ({t.min_lr_ratio}) must be in [0, 1]")
+    if t.grad_clip < 0 or not math.isfinite(t.grad_clip):
+        raise ConfigError(f"train.grad_clip ({t.grad_clip}) must be a finite number >= 0 (0 = off)")
+    _choice("train.precision", t.precision, ("fp32", "bf16"))
+    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("logger.wandb_mode", lg.wandb_mode, ("offline", "online", "disabled"))
+
+    p = cfg.parallel
+    if (p.dp, p.ep) != (1, 1) or cfg.launcher.name != "local" or cfg.comm.dispatcher != "local":
+        raise ConfigError(
+            f"parallel.dp={p.dp} parallel.ep={p.ep} launcher.name={cfg.launcher.name} "
+            f"comm.dispatcher={cfg.comm.dispatcher}: only the single-process layout "
+            "(dp=1 ep=1, launcher=local, dispatcher=local) is implemented in this version"
+        )
+    _choice("placement.policy", cfg.placement.policy, ("contiguous",))
+    _choice("comm.backend", cfg.comm.backend, ("torch",))
+    return cfg

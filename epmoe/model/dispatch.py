@@ -1,0 +1,34 @@
+"""The single-device dispatcher: permute, run the experts, unpermute. No communication.
+
+A dispatcher owns the whole exchange, `dispatcher(x_TD, routing, expert_fn) -> y_TD`, so
+that expert parallelism can swap in an all-to-all dispatcher (epmoe.comm) from outside the
+model without the model knowing. `expert_fn(x_ND, counts_E) -> y_ND` computes rows sorted
+into contiguous per-expert segments.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from epmoe.model.permute import make_permutation, permute, unpermute
+from epmoe.model.router import Routing
+
+ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Dispatcher(Protocol):
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """All experts live here: sort pairs by expert, compute, weight and scatter back."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
+        perm = make_permutation(routing.topk_idx_TK, routing.keep_TK, self.num_experts)
+        y_ND = expert_fn(permute(x_TD, perm), perm.counts_E)
+        return unpermute(y_ND, perm, routing.topk_w_TK, x_TD.shape[0])

@@ -1,0 +1,125 @@
+"""Routed experts with stacked weights, computed over contiguous per-expert row segments.
+
+Shape key: N rows (token, choice pairs) sorted by expert, D model width, F expert hidden
+size, E experts. `counts_E[e]` rows of expert e follow those of expert e-1.
+
+Two paths compute the same function:
+- `grouped`: one `torch._grouped_mm` per projection over all segments (the fast path);
+- `loop`: a Python loop over experts, one matmul per segment. Kept as the readable
+  reference the grouped path is tested against (outputs and gradients).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    NOTE: torch 2.13's CPU backward of `_grouped_mm` rejects zero-stride gradients, such as
+    the expanded ones `.sum().backward()` produces; this keeps such callers working.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad.contiguous()
+
+
+def _grouped_matmul(x_ND: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(torch._grouped_mm(x_ND, w_EIO, offs=offs_E))
+
+
+def activation_fn(name: str, gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+    """SwiGLU: silu(gate) * up. GELU: gelu(gate) (no up projection)."""
+    return F.silu(gate) * up if name == "swiglu" else F.gelu(gate)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would give a matmul here (grouped_mm has no autocast rule)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class GroupedExperts(nn.Module):
+    """E independent FFNs D -> F -> D with weights stacked on a leading expert dimension."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        hidden: int,
+        activation: str = "swiglu",
+        impl: str = "auto",
+        out_init_scale: float = 1.0,
+    ):
+        super().__init__()
+        if impl == "grouped" and not HAS_GROUPED_MM:
+            raise ValueError(f"expert_impl=grouped needs torch._grouped_mm (torch {torch.__version__} lacks it); use auto or loop")
+        self.num_experts, self.activation = num_experts, activation
+        self.impl = "grouped" if impl == "auto" and HAS_GROUPED_MM else ("loop" if impl == "auto" else impl)
+        E, D, F_ = num_experts, d_model, hidden
+        self.w_gate_EDF = nn.Parameter(torch.empty(E, D, F_))
+        self.w_up_EDF = nn.Parameter(torch.empty(E, D, F_)) if activation == "swiglu" else None
+        self.w_down_EFD = nn.Parameter(torch.empty(E, F_, D))
+        self.reset_parameters(out_init_scale)
+
+    def reset_parameters(self, out_init_scale: float = 1.0) -> None:
+        D, F_ = self.w_gate_EDF.shape[1:]
+        nn.init.normal_(self.w_gate_EDF, std=1 / math.sqrt(D))
+        if self.w_up_EDF is not None:
+            nn.init.normal_(self.w_up_EDF, std=1 / math.sqrt(D))
+        nn.init.normal_(self.w_down_EFD, std=out_init_scale / math.sqrt(F_))
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if self.impl == "grouped":
+            return self.forward_grouped(x_ND, counts_E)
+        return self.forward_loop(x_ND, counts_E)
+
+    def forward_grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x_ND)
+        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)  # segment ends
+        x = x_ND.to(dtype)
+        gate_NF = _grouped_matmul(x, self.w_gate_EDF.to(dtype), offs_E)
+        up_NF = _grouped_matmul(x, self.w_up_EDF.to(dtype), offs_E) if self.w_up_EDF is not None else None
+        return _grouped_matmul(activation_fn(self.activation, gate_NF, up_NF), self.w_down_EFD.to(dtype), offs_E)
+
+    def forward_loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Reference path: one matmul chain per expert segment."""
+        out = []
+        # NOTE: host sync, the segment sizes are needed to split
+        for e, x_nD in enumerate(x_ND.split(counts_E.tolist())):
+            gate_nF = x_nD @ self.w_gate_EDF[e]
+            up_nF = x_nD @ self.w_up_EDF[e] if self.w_up_EDF is not None else None
+            out.append(activation_fn(self.activation, gate_nF, up_nF) @ self.w_down_EFD[e])
+        return torch.cat(out)
+
+
+class MLP(nn.Module):
+    """A dense FFN D -> H -> D (SwiGLU or GELU): dense layers and shared experts."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str = "swiglu", out_init_scale: float = 1.0):
+        super().__init__()
+        self.activation = activation
+        self.w_gate = nn.Linear(d_model, hidden, bias=False)
+        self.w_up = nn.Linear(d_model, hidden, bias=False) if activation == "swiglu" else None
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+        nn.init.normal_(self.w_gate.weight, std=1 / math.sqrt(d_model))
+        if self.w_up is not None:
+            nn.init.normal_(self.w_up.weight, std=1 / math.sqrt(d_model))
+        nn.init.normal_(self.w_down.weight, std=out_init_scale / math.sqrt(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.w_up(x) if self.w_up is not None else None
+        return self.w_down(activation_fn(self.activation, self.w_gate(x), up))

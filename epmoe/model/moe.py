@@ -1,0 +1,45 @@
+"""The MoE feed-forward layer: router -> dispatcher(experts) -> combine, plus shared experts.
+
+Shape key: B sequences, S sequence length, T = B*S tokens, D model width.
+
+1. the router picks top-k experts per token and their weights (and balancing losses);
+2. the dispatcher sorts (token, choice) pairs into per-expert segments, runs the experts
+   and sums the weighted outputs back per token (LocalDispatcher here; expert parallelism
+   swaps in an all-to-all dispatcher from outside);
+3. shared experts (always on, DeepSeekMoE) see every token and are added.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from epmoe.config import ModelConfig, RouterConfig
+from epmoe.model.dispatch import Dispatcher, LocalDispatcher
+from epmoe.model.experts import MLP, GroupedExperts
+from epmoe.model.router import Router, Routing
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, out_init_scale: float = 1.0):
+        super().__init__()
+        self.router = Router(cfg.d_model, cfg.num_experts, router_cfg)
+        self.experts = GroupedExperts(
+            cfg.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation, cfg.expert_impl, out_init_scale
+        )
+        # n shared experts of hidden h are one MLP of hidden n*h (DeepSeekMoE)
+        self.shared = (
+            MLP(cfg.d_model, cfg.n_shared_experts * cfg.shared_hidden, cfg.activation, out_init_scale)
+            if cfg.n_shared_experts > 0
+            else None
+        )
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        routing = self.router(x_TD, seq_len=S)
+        y_TD = self.dispatcher(x_TD, routing, self.experts)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD.view(B, S, D).to(x_BSD.dtype), routing

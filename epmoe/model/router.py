@@ -1,0 +1,161 @@
+"""Token -> expert routing: scores, (group-limited) top-k, balancing losses, capacity drops.
+
+Shape key: T tokens (batch x sequence, flattened), S sequence length, B = T / S sequences,
+D model width, E experts, K top-k, G expert groups.
+
+The router picks experts with `scores + bias` (the bias is DeepSeek-V3's auxiliary-loss-free
+balancing term and steers selection only) and weights the chosen experts' outputs with the
+scores alone. Drops (with a capacity factor) are a `keep_TK` mask: the dispatcher skips
+dropped (token, choice) pairs and the token's residual carries it through.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from epmoe.config import RouterConfig
+
+
+@dataclass
+class Routing:
+    """What the router decided for T tokens; the dispatcher and the trainer read it."""
+
+    topk_idx_TK: torch.Tensor  # int64 expert ids
+    topk_w_TK: torch.Tensor  # combine weights (routed scaling applied)
+    keep_TK: torch.Tensor | None  # False where capacity dropped the pair; None when dropless
+    counts_E: torch.Tensor  # int64 tokens routed to each expert, before drops
+    aux_loss: torch.Tensor  # scalar, coefficient applied (0 when off)
+    z_loss: torch.Tensor  # scalar, coefficient applied (0 when off)
+
+    @property
+    def dropped(self) -> int:
+        """Number of dropped (token, choice) pairs. NOTE: host sync."""
+        return 0 if self.keep_TK is None else int((~self.keep_TK).sum())
+
+
+def group_limited_mask(scores_TE: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
+    """Bool mask_TE of experts in each token's `topk_groups` best groups (DeepSeek-V3).
+
+    A group's score is the sum of its two best expert scores (its best one if the group has a
+    single expert).
+    """
+    T, E = scores_TE.shape
+    per_group = E // n_groups
+    scores_TGe = scores_TE.view(T, n_groups, per_group)
+    group_score_TG = scores_TGe.topk(min(2, per_group), dim=-1).values.sum(-1)
+    top_groups_TK = group_score_TG.topk(topk_groups, dim=-1).indices
+    group_mask_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+    group_mask_TG.scatter_(1, top_groups_TK, True)
+    return group_mask_TG.repeat_interleave(per_group, dim=1)  # (T, G) -> (T, E)
+
+
+def load_balance_loss(
+    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int, seq_len: int | None
+) -> torch.Tensor:
+    """Switch/GShard balance loss E * sum_e f_e * P_e (1.0 when perfectly balanced).
+
+    f_e: fraction of the T*K choices that went to e; P_e: mean routing probability of e.
+    With `seq_len`, both are taken per sequence and the loss is averaged over sequences
+    (DeepSeek-V3's sequence-wise variant); otherwise over the whole batch.
+    """
+    T, K = topk_idx_TK.shape
+    S = seq_len or T
+    B = T // S
+    one_hot_BSKE = F.one_hot(topk_idx_TK.view(B, S, K), num_experts).to(probs_TE.dtype)
+    f_BE = one_hot_BSKE.sum(dim=(1, 2)) / (S * K)
+    P_BE = probs_TE.view(B, S, num_experts).mean(dim=1)
+    return num_experts * (f_BE * P_BE).sum(-1).mean()
+
+
+def capacity_keep_mask(
+    topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor, capacity: int, num_experts: int, policy: str
+) -> torch.Tensor:
+    """keep_TK: which (token, choice) pairs fit in each expert's `capacity` slots.
+
+    policy "position": earlier tokens win (Switch); choices of rank k=0 for all tokens come
+    before k=1, so a token's first choice is dropped last. "probability": the pairs with the
+    highest routing weight win. Built from a sort, never a T x E x C mask.
+    """
+    T, K = topk_idx_TK.shape
+    flat_idx = topk_idx_TK.t().reshape(-1)  # (K*T,) in priority order k-major, then position
+    if policy == "probability":
+        order = topk_w_TK.t().reshape(-1).argsort(descending=True, stable=True)
+    else:
+        order = torch.arange(K * T, device=flat_idx.device)
+    expert_of_order = flat_idx[order]
+    # rank of each pair within its expert, in priority order
+    by_expert = expert_of_order.argsort(stable=True)
+    counts_E = torch.bincount(expert_of_order, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_sorted = torch.arange(K * T, device=flat_idx.device) - starts_E[expert_of_order[by_expert]]
+    rank_in_expert = torch.empty_like(rank_sorted)
+    rank_in_expert[order[by_expert]] = rank_sorted
+    return (rank_in_expert < capacity).view(K, T).t()
+
+
+class Router(nn.Module):
+    """Linear gate D -> E, top-k selection and balancing terms. See the module docstring."""
+
+    expert_bias_E: torch.Tensor
+
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = num_experts
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        # Selection-only bias for aux-loss-free balancing: a buffer, saved in checkpoints,
+        # moved by `update_bias`, never trained by gradients.
+        self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32))
+
+    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> Routing:
+        cfg, E = self.cfg, self.num_experts
+        logits_TE = self.gate(x_TD).float()  # routing math in fp32, also under autocast
+        if cfg.score_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+        else:
+            scores_TE = logits_TE.sigmoid()
+
+        select_TE = scores_TE.detach() + self.expert_bias_E
+        if cfg.n_groups > 1:
+            mask_TE = group_limited_mask(select_TE, cfg.n_groups, cfg.topk_groups)
+            select_TE = select_TE.masked_fill(~mask_TE, float("-inf"))
+        topk_idx_TK = select_TE.topk(cfg.top_k, dim=-1).indices
+        topk_w_TK = scores_TE.gather(1, topk_idx_TK)
+        if cfg.renormalize:
+            topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        topk_w_TK = topk_w_TK * cfg.routed_scaling
+
+        zero = logits_TE.new_zeros(())
+        aux_loss = zero
+        if cfg.aux_loss != "none" and cfg.aux_loss_coef > 0 and self.training:
+            # sigmoid scores are normalised per token to act as probabilities (DeepSeek-V3)
+            probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+            per_seq = seq_len if cfg.aux_loss == "sequence" else None
+            aux_loss = cfg.aux_loss_coef * load_balance_loss(probs_TE, topk_idx_TK, E, per_seq)
+        z_loss = zero
+        if cfg.z_loss_coef > 0 and self.training:
+            z_loss = cfg.z_loss_coef * torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+        keep_TK = None
+        if cfg.capacity_factor is not None:
+            capacity = math.ceil(cfg.capacity_factor * topk_idx_TK.numel() / E)
+            keep_TK = capacity_keep_mask(topk_idx_TK, topk_w_TK.detach(), capacity, E, cfg.drop_policy)
+        counts_E = torch.bincount(topk_idx_TK.view(-1), minlength=E)
+        return Routing(topk_idx_TK, topk_w_TK, keep_TK, counts_E, aux_loss, z_loss)
+
+    @torch.no_grad()
+    def update_bias(self, counts_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing step: bias_e += rate * sign(mean load - load_e).
+
+        Call once per optimizer step with the tokens per expert summed over that step (and,
+        under data parallelism, over all ranks).
+        """
+        if self.cfg.bias_update_rate <= 0:
+            return
+        load_E = counts_E.to(self.expert_bias_E)
+        self.expert_bias_E += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)

@@ -1,0 +1,64 @@
+"""`python -m epmoe.train <hydra overrides>`: the rank entry point.
+
+Examples:
+    python -m epmoe.train                                   # the default small MoE run
+    python -m epmoe.train model=dense_small train.steps=50
+    python -m epmoe.train router=deepseek_v3 router.top_k=4 logger=wandb
+    python -m epmoe.train --multirun router.top_k=1,2,4     # a sweep, one run dir per job
+
+Bad config values fail before any work with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from epmoe.config import ConfigError, register_configs
+from epmoe.train.checkpoint import CheckpointError
+from epmoe.train.cli import CONFIG_NAME, load_config, to_config
+from epmoe.train.data import DataError
+from epmoe.train.loop import train
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+@hydra.main(config_path="pkg://epmoe.conf", config_name=CONFIG_NAME, version_base="1.3")
+def _run(cfg: DictConfig) -> float | None:
+    try:
+        config = to_config(cfg)
+        result = train(config, Path(HydraConfig.get().runtime.output_dir))
+    except USER_ERRORS as e:
+        _fail(str(e))
+    return result.val_loss  # what a sweeper would optimise
+
+
+def _is_single_run(argv: list[str]) -> bool:
+    return not any(a in ("-m", "--multirun") or a.startswith(("--cfg", "-c", "--info", "--help", "-h")) for a in argv)
+
+
+def main() -> None:
+    register_configs()
+    argv = sys.argv[1:]
+    if _is_single_run(argv):
+        # Compose once up front so a bad override is one line and exit 2, not Hydra's
+        # multi-line report (sweeps are checked per job by Hydra itself).
+        try:
+            load_config([a for a in argv if not a.startswith("-")])
+        except ConfigError as e:
+            _fail(str(e))
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Token streams for training and validation, and deterministic batch sampling.
+
+Byte-level by default (vocab 256, nothing downloaded). Sources:
+- `stdlib`: the `.py` files of the running Python's standard library (real text that every
+  machine has), split into train/val by file;
+- `text`: a text file (split by position) or a folder of text files (split by file);
+- `jsonl`: one JSON object per line with a `text` field (split by document);
+- `bin`: a flat uint16 token memmap (split by position; vocab taken from the model).
+
+A batch depends only on (seed, split, step, micro-step), so a resumed run draws the same
+batches as an uninterrupted one without storing a data position.
+
+Shape key: B sequences, S sequence length.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from epmoe.config import DataConfig
+
+
+class DataError(ValueError):
+    """A data source that cannot be used; the message names it and what would work."""
+
+
+@dataclass
+class TokenSplits:
+    train: torch.Tensor  # 1-D int64 tokens (uint8 bytes or uint16 ids widened lazily)
+    val: torch.Tensor
+    description: str
+
+
+def _is_val(name: str, val_fraction: float) -> bool:
+    """Deterministic, order-independent train/val assignment of a file or document."""
+    return zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000
+
+
+def _concat(docs: list[bytes]) -> torch.Tensor:
+    # documents are separated by a NUL byte so a window can see where one ends
+    joined = b"\0".join(docs)
+    return torch.frombuffer(bytearray(joined), dtype=torch.uint8)
+
+
+def _split_docs(named_docs: list[tuple[str, bytes]], val_fraction: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    train = [d for n, d in named_docs if not _is_val(n, val_fraction)]
+    val = [d for n, d in named_docs if _is_val(n, val_fraction)]
+    if not val or not train:  # too few documents to split by name: split the last one by position
+        return _split_position(_concat([d for _, d in named_docs]), val_fraction, what)
+    return _concat(train), _concat(val)
+
+
+def _split_position(tokens: torch.Tensor, val_fraction: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n_val = int(len(tokens) * val_fraction)
+    if n_val == 0 or n_val == len(tokens):
+        raise DataError(f"{what} has {len(tokens)} tokens, too few to split into train and val")
+    return tokens[:-n_val], tokens[-n_val:]
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _read_stdlib() -> list[tuple[str, bytes]]:
+    root = stdlib_root()
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    return [(str(p.relative_to(root)), p.read_bytes()) for p in files]
+
+
+def _read_text(path: Path) -> list[tuple[str, bytes]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    docs = []
+    for p in files:
+        raw = p.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); data.kind=text reads text files") from None
+        docs.append((str(p.relative_to(path)) if path.is_dir() else p.name, raw))
+    return docs
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, bytes]]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path}:{line_no} is not a JSON object with a 'text' field") from None
+            docs.append((f"{line_no}", text.encode("utf-8")))
+    return docs
+
+
+def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
+    """Read the configured source and split it into train and val token streams."""
+    if cfg.kind == "stdlib":
+        docs = _read_stdlib()
+        what = f"the Python standard library at {stdlib_root()}"
+    else:
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise DataError(f"data.path {path} does not exist")
+        what = str(path)
+        if cfg.kind == "bin":
+            if not path.is_file():
+                raise DataError(f"data.kind=bin needs a file of uint16 tokens; {path} is a folder")
+            tokens = torch.from_numpy(np.memmap(path, dtype=np.uint16, mode="r").astype(np.int64))
+            if len(tokens) and int(tokens.max()) >= vocab_size:
+                raise DataError(
+                    f"{path} holds token id {int(tokens.max())} >= model.vocab_size ({vocab_size}); raise vocab_size"
+                )
+            train, val = _split_position(tokens, cfg.val_fraction, what)
+            return TokenSplits(train, val, f"{what} ({len(tokens):,} uint16 tokens)")
+        docs = _read_jsonl(path) if cfg.kind == "jsonl" else _read_text(path)
+    if vocab_size < 256:
+        raise DataError(f"byte-level data needs model.vocab_size >= 256, got {vocab_size}")
+    if sum(len(d) for _, d in docs) == 0:
+        raise DataError(f"{what} holds no text")
+    train, val = _split_docs(docs, cfg.val_fraction, what)
+    return TokenSplits(train, val, f"{what} ({len(docs):,} documents, {len(train) + len(val):,} bytes)")
+
+
+def sample_batch(
+    tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, stream: int, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs_BS, targets_BS: random windows drawn from a generator seeded by (seed, stream, step).
+
+    `stream` separates independent uses (train micro-step, validation batch index).
+    """
+    if len(tokens) < seq_len + 1:
+        raise DataError(f"a split has {len(tokens)} tokens, fewer than data.seq_len + 1 ({seq_len + 1}); lower seq_len")
+    g = torch.Generator().manual_seed(hash((seed, stream, step)) & 0x7FFF_FFFF_FFFF_FFFF)
+    starts_B = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=g)
+    windows_BS1 = torch.stack([tokens[s : s + seq_len + 1] for s in starts_B.tolist()]).long()
+    return windows_BS1[:, :-1], windows_BS1[:, 1:]

@@ -1,0 +1,82 @@
+"""Where metrics go: console lines, a jsonl file in the run directory, wandb (offline unless
+configured), and the end-of-run plots. One `Loggers` object fans each record out.
+
+A record is a flat dict of JSON-able values; `step` is always present. Per-layer expert load
+(`expert_load`, a list of per-expert token counts per MoE layer) goes to jsonl and plots; the
+scalar summaries (`imbalance`, `drop_frac`, ...) go everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from epmoe.config import Config, LoggerConfig
+
+# fields too bulky for a console line or a wandb scalar chart
+_LIST_FIELDS = ("expert_load",)
+
+
+def _format(record: dict[str, Any]) -> str:
+    parts = []
+    for k, v in record.items():
+        if k in _LIST_FIELDS:
+            continue
+        if isinstance(v, float):
+            parts.append(f"{k}={v:.4g}")
+        else:
+            parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+class Loggers:
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, full_config: Config, write):
+        """write: a function printing a line without breaking the progress bar."""
+        self.cfg, self.run_dir, self.write = cfg, run_dir, write
+        self.history: list[dict[str, Any]] = []  # kept for the plots
+        self._jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1) if cfg.jsonl else None
+        self._wandb = None
+        if cfg.wandb and cfg.wandb_mode != "disabled":
+            import wandb  # imported only when asked for: it is slow to import
+
+            self._wandb = wandb.init(
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity,
+                mode=cfg.wandb_mode,
+                dir=str(run_dir),
+                config=asdict(full_config),
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+
+    @property
+    def wandb_dir(self) -> Path | None:
+        return Path(self._wandb.dir).parent if self._wandb is not None else None
+
+    def log(self, record: dict[str, Any], console: bool = True) -> None:
+        self.history.append(record)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            scalars = {k: v for k, v in record.items() if k not in _LIST_FIELDS and k != "step"}
+            self._wandb.log(scalars, step=record["step"])
+        if console and self.cfg.console:
+            self.write(_format(record))
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            self._wandb.summary.update(values)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def print_line(line: str) -> None:
+    print(line, file=sys.stdout, flush=True)

@@ -1,0 +1,245 @@
+"""The training program: build, (resume,) train with periodic validation, sample, plot.
+
+`train(cfg, run_dir)` takes a validated `Config` and a run directory and returns a
+`TrainResult`; Hydra and the command line stay in `__main__.py`.
+
+One step:
+1. for each of `grad_accum` micro-batches: forward under autocast, loss = cross-entropy +
+   the routers' aux and z losses, backward (scaled by 1/grad_accum);
+2. clip to one global gradient norm, AdamW step, schedule step;
+3. aux-loss-free balancing: each router's bias moves toward uniform by that step's load;
+4. metrics: losses, lr, gradient norm, tokens/s, per-layer expert load, imbalance, drops.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from epmoe.config import Config, TrainConfig
+from epmoe.model.router import Routing
+from epmoe.model.transformer import Transformer
+from epmoe.train import checkpoint
+from epmoe.train.data import TokenSplits, load_splits, sample_batch
+from epmoe.train.loggers import Loggers
+from epmoe.train.plots import plot_run
+
+LN2 = math.log(2)
+VAL_STREAM = 1 << 20  # data stream ids >= this are validation batches
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    losses: list[float] = field(default_factory=list)  # training loss (cross-entropy) per step run
+    val_loss: float | None = None  # final held-out cross-entropy, nats per token
+    checkpoint: Path | None = None
+
+    @property
+    def val_bpb(self) -> float | None:
+        """Held-out bits per token (per byte for byte-level data)."""
+        return None if self.val_loss is None else self.val_loss / LN2
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
+    return torch.device(name)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (and stacked expert weights), none on norms."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data: TokenSplits, cfg: Config, device: torch.device) -> float:
+    """Mean held-out cross-entropy (nats/token) over the same `eval_batches` batches every time."""
+    model.eval()
+    total = 0.0
+    for i in range(cfg.train.eval_batches):
+        x_BS, y_BS = sample_batch(data.val, cfg.train.batch_size, cfg.data.seq_len, cfg.train.seed, VAL_STREAM + i, 0)
+        with _autocast(device, cfg.train.precision):
+            total += lm_loss(model(x_BS.to(device)).logits_BSV, y_BS.to(device)).item()
+    model.train()
+    return total / cfg.train.eval_batches
+
+
+def routing_metrics(load_LE: torch.Tensor, dropped: int, aux: float, z: float) -> dict[str, Any]:
+    """Summaries of one step's routing: load_LE = tokens per (MoE layer, expert)."""
+    if load_LE.numel() == 0:
+        return {}
+    load_LE = load_LE.double()
+    imbalance_L = load_LE.max(dim=1).values / load_LE.mean(dim=1).clamp_min(1e-9)
+    return {
+        "aux_loss": aux,
+        "z_loss": z,
+        "imbalance": imbalance_L.max().item(),  # worst layer's max/mean tokens per expert
+        "drop_frac": dropped / load_LE.sum().item(),
+        "expert_load": load_LE.long().tolist(),
+    }
+
+
+def train(cfg: Config, run_dir: Path) -> TrainResult:
+    """Run the configured training to the end; see the module docstring."""
+    t_cfg, device = cfg.train, resolve_device(cfg.train.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if t_cfg.threads > 0:
+        torch.set_num_threads(t_cfg.threads)
+    torch.manual_seed(t_cfg.seed)
+
+    data = load_splits(cfg.data, cfg.model.vocab_size)
+    model = Transformer(cfg.model, cfg.router).to(device)
+    optimizer = build_optimizer(model, t_cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t_cfg))
+    start_step = 0
+    if t_cfg.resume:
+        state = checkpoint.load(Path(t_cfg.resume))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_step = state["step"]
+
+    bar = tqdm(
+        total=t_cfg.steps, initial=start_step, disable=not cfg.logger.progress, file=sys.stderr,
+        dynamic_ncols=True, desc="train", unit="step",
+    )
+    loggers = Loggers(cfg.logger, run_dir, cfg, write=bar.write)
+    n_params = sum(p.numel() for p in model.parameters())
+    bar.write(
+        f"epmoe: {n_params / 1e6:.2f}M parameters, {len(model.moe_layers())} MoE layers, device {device}, "
+        f"data {data.description}; run dir {run_dir}"
+    )
+    result = TrainResult(run_dir)
+    tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum
+
+    def save_checkpoint(step: int) -> Path:
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "config": asdict(cfg),
+        }
+        return checkpoint.save(run_dir, step, state)
+
+    try:
+        for step in range(start_step, t_cfg.steps):
+            t0 = time.perf_counter()
+            record = train_step(model, optimizer, data, cfg, device, step)
+            scheduler.step()
+            record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
+            result.losses.append(record["loss"])
+            done = step + 1
+            if t_cfg.eval_every and (done % t_cfg.eval_every == 0 or done == t_cfg.steps):
+                result.val_loss = evaluate(model, data, cfg, device)
+                record.update(val_loss=result.val_loss, val_bpb=result.val_loss / LN2)
+            loggers.log(record, console=done % t_cfg.log_every == 0 or "val_loss" in record or done == t_cfg.steps)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
+            if t_cfg.checkpoint_every and done % t_cfg.checkpoint_every == 0 and done != t_cfg.steps:
+                save_checkpoint(done)
+        bar.close()
+        if result.val_loss is None:  # eval_every=0 (or nothing left to run): validate once at the end
+            result.val_loss = evaluate(model, data, cfg, device)
+        result.checkpoint = save_checkpoint(t_cfg.steps)
+        summary = {"val_loss": result.val_loss, "val_bpb": result.val_bpb, "steps": t_cfg.steps}
+        loggers.summary(summary)
+        print(f"done: held-out {result.val_bpb:.4f} bits/token (cross-entropy {result.val_loss:.4f} nats)")
+        if t_cfg.sample_bytes and cfg.data.kind != "bin":
+            print("sample:\n" + sample_text(model, data, cfg, device))
+        if cfg.logger.plots:
+            print(f"plot: {plot_run(loggers.history, run_dir / 'training.png')}")
+        if cfg.logger.jsonl:
+            print(f"metrics: {run_dir / 'metrics.jsonl'}")
+        if loggers.wandb_dir is not None:
+            print(f"wandb ({cfg.logger.wandb_mode}): {loggers.wandb_dir}")
+    finally:
+        bar.close()
+        loggers.close()
+    return result
+
+
+def train_step(
+    model: Transformer, optimizer: torch.optim.Optimizer, data: TokenSplits, cfg: Config, device: torch.device,
+    step: int,
+) -> dict[str, Any]:
+    """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
+    t_cfg = cfg.train
+    moe_layers = model.moe_layers()
+    load_LE = torch.zeros(len(moe_layers), cfg.model.num_experts, dtype=torch.long, device=device)
+    ce_sum = aux_sum = z_sum = 0.0
+    dropped = 0
+    for micro in range(t_cfg.grad_accum):
+        x_BS, y_BS = sample_batch(data.train, t_cfg.batch_size, cfg.data.seq_len, t_cfg.seed, micro, step)
+        with _autocast(device, t_cfg.precision):
+            out = model(x_BS.to(device))
+        ce = lm_loss(out.logits_BSV, y_BS.to(device))
+        aux, z = _routing_losses(out.routings, ce)
+        ((ce + aux + z) / t_cfg.grad_accum).backward()
+        ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
+        for layer, routing in enumerate(out.routings):
+            load_LE[layer] += routing.counts_E
+            dropped += routing.dropped
+    if not math.isfinite(ce_sum):
+        raise FloatingPointError(f"non-finite training loss at step {step + 1}; lower train.lr or use precision=fp32")
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for layer, moe in enumerate(moe_layers):
+        moe.router.update_bias(load_LE[layer])
+
+    n = t_cfg.grad_accum
+    record: dict[str, Any] = {"step": step + 1, "loss": ce_sum / n, "lr": optimizer.param_groups[0]["lr"]}
+    record["grad_norm"] = grad_norm
+    record.update(routing_metrics(load_LE.cpu(), dropped, aux_sum / n, z_sum / n))
+    return record
+
+
+def _routing_losses(routings: list[Routing], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    zero = like.new_zeros(())
+    return sum((r.aux_loss for r in routings), zero), sum((r.z_loss for r in routings), zero)
+
+
+def sample_text(model: Transformer, data: TokenSplits, cfg: Config, device: torch.device) -> str:
+    """Continue the first line of a held-out window; bytes decoded leniently."""
+    prompt_S = data.val[: min(64, cfg.data.seq_len)].long().to(device)
+    g = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    model.eval()
+    with _autocast(device, cfg.train.precision):
+        tokens = model.generate(prompt_S, cfg.train.sample_bytes, generator=g)
+    model.train()
+    return bytes(tokens.clamp(0, 255).tolist()).decode("utf-8", errors="replace")

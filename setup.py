@@ -1,0 +1,44 @@
+"""epmoe: expert-parallel Mixture-of-Experts training for PyTorch.
+
+`comm/` and `launch/` live at the top of the repository but install as `epmoe.comm` and
+`epmoe.launch` (package_dir): nothing named `comm` or `launch` lands in site-packages,
+where `comm` is already Jupyter's package.
+"""
+
+from setuptools import setup
+
+PACKAGES = {
+    "epmoe": "epmoe",
+    "epmoe.model": "epmoe/model",
+    "epmoe.parallel": "epmoe/parallel",
+    "epmoe.placement": "epmoe/placement",
+    "epmoe.train": "epmoe/train",
+    "epmoe.comm": "comm",
+    "epmoe.launch": "launch",
+    "epmoe.conf": "conf",  # the Hydra YAML tree, found as pkg://epmoe.conf
+}
+
+setup(
+    name="epmoe",
+    version="0.1.0",
+    description="Expert-parallel Mixture-of-Experts training for PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"epmoe.conf": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3",
+        "wandb>=0.17",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": ["epmoe-train=epmoe.train.__main__:main"]},
+)
