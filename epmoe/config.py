@@ -187,9 +187,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.expert_impl", m.expert_impl, ("auto", "grouped", "loop"))
     if m.num_experts > 0:
         if not 1 <= r.top_k <= m.num_experts:
-            raise ConfigError(
-                f"router.top_k ({r.top_k}) must be between 1 and model.num_experts ({m.num_experts})"
-            )
+            raise ConfigError(f"router.top_k ({r.top_k}) must be between 1 and model.num_experts ({m.num_experts})")
         if r.n_groups < 1 or m.num_experts % r.n_groups:
             raise ConfigError(
                 f"model.num_experts ({m.num_experts}) must be divisible by router.n_groups ({r.n_groups})"
@@ -217,9 +215,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.kind={d.kind} needs data.path (a file or folder)")
     _positive("data.seq_len", d.seq_len)
     if d.seq_len > m.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); raise max_seq_len"
-        )
+        raise ConfigError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); raise max_seq_len")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction ({d.val_fraction}) must be in (0, 1)")
 

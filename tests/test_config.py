@@ -15,9 +15,7 @@ NEEDS_PATH = {"text", "jsonl", "bin"}
 
 
 def _group_options() -> list[tuple[str, str]]:
-    return sorted(
-        (p.parent.name, p.stem) for p in CONF.glob("*/*.yaml") if p.parent.name != "experiment"
-    )
+    return sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml") if p.parent.name != "experiment")
 
 
 @pytest.mark.parametrize(("group", "option"), _group_options())

@@ -327,3 +327,16 @@ def test_capacity_drops_remove_the_dropped_expert_contribution():
     # K = 1: a dropped token's routed output is exactly 0; kept tokens are unchanged
     assert torch.equal(y_capped[0, ~keep_T], torch.zeros(int((~keep_T).sum()), 16))
     torch.testing.assert_close(y_capped[0, keep_T], y_dropless[0, keep_T], atol=1e-6, rtol=0)
+
+
+def test_probability_drop_policy_keeps_the_most_confident_tokens_with_top1():
+    # softmax rows [.6,.4], [.7,.3], [.99,.01], [.3,.7]: top-1 sends tokens 0, 1, 2 to e0 and
+    # token 3 to e1; capacity ceil(1.0 * 4 / 2) = 2 keeps e0's two most confident (.99, .7)
+    # and drops token 0 (.6), although top-1 renormalised weights are all 1.0.
+    probs = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.99, 0.01], [0.3, 0.7]])
+    router = Router(2, 2, RouterConfig(top_k=1, capacity_factor=1.0, drop_policy="probability", aux_loss="none"))
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(2))
+    routing = router(probs.log())
+    assert routing.topk_idx_TK.squeeze(1).tolist() == [0, 0, 0, 1]
+    assert routing.keep_TK.squeeze(1).tolist() == [False, True, True, True]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from epmoe.model.transformer import Transformer
 from epmoe.train import checkpoint
 from epmoe.train.checkpoint import CheckpointError
 from epmoe.train.cli import load_config
-from epmoe.model.transformer import Transformer
 from epmoe.train.data import load_splits, sample_batch
 from epmoe.train.loop import lm_loss, lr_factor, train, train_step
 
@@ -107,8 +107,7 @@ def test_lr_schedule_warms_up_then_decays_to_min() -> None:
 
 
 def test_grad_accum_steps_on_the_mean_gradient_of_its_micro_batches(text_corpus: Path) -> None:
-    cfg = _tiny(text_corpus, "train.grad_accum=2", "router.aux_loss=none", "router.z_loss_coef=0",
-                "train.grad_clip=0")
+    cfg = _tiny(text_corpus, "train.grad_accum=2", "router.aux_loss=none", "router.z_loss_coef=0", "train.grad_clip=0")
     data = load_splits(cfg.data, 256)
     torch.manual_seed(0)
     model = Transformer(cfg.model, cfg.router)

@@ -8,7 +8,8 @@ into contiguous per-expert segments.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 

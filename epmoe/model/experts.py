@@ -33,6 +33,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if grad.numel() == 0:  # an empty tensor counts as contiguous even with zero strides
+            return torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
         return grad.contiguous()
 
 
@@ -66,7 +68,9 @@ class GroupedExperts(nn.Module):
     ):
         super().__init__()
         if impl == "grouped" and not HAS_GROUPED_MM:
-            raise ValueError(f"expert_impl=grouped needs torch._grouped_mm (torch {torch.__version__} lacks it); use auto or loop")
+            raise ValueError(
+                f"expert_impl=grouped needs torch._grouped_mm (torch {torch.__version__} lacks it); use auto or loop"
+            )
         self.num_experts, self.activation = num_experts, activation
         self.impl = "grouped" if impl == "auto" and HAS_GROUPED_MM else ("loop" if impl == "auto" else impl)
         E, D, F_ = num_experts, d_model, hidden

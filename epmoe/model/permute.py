@@ -23,9 +23,7 @@ class Permutation:
     counts_E: torch.Tensor  # int64 rows per bin; rows of bin e are contiguous, in bin order
 
 
-def make_permutation(
-    bins_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_bins: int
-) -> Permutation:
+def make_permutation(bins_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_bins: int) -> Permutation:
     """Sort the kept (token, choice) pairs by bin, stably (ties keep token order).
 
     bins_TK: int64 bin of each pair (an expert id locally; a (rank, local expert) slot once
@@ -47,9 +45,7 @@ def permute(x_TD: torch.Tensor, perm: Permutation) -> torch.Tensor:
     return x_TD.index_select(0, perm.token_N)
 
 
-def unpermute(
-    y_ND: torch.Tensor, perm: Permutation, topk_w_TK: torch.Tensor, num_tokens: int
-) -> torch.Tensor:
+def unpermute(y_ND: torch.Tensor, perm: Permutation, topk_w_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """y_TD = sum over each token's kept choices of weight * expert output (0 if all dropped).
 
     NOTE: accumulates and returns in the weights' dtype (fp32 from the router), so bf16

@@ -73,18 +73,18 @@ def load_balance_loss(
 
 
 def capacity_keep_mask(
-    topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor, capacity: int, num_experts: int, policy: str
+    topk_idx_TK: torch.Tensor, topk_score_TK: torch.Tensor, capacity: int, num_experts: int, policy: str
 ) -> torch.Tensor:
     """keep_TK: which (token, choice) pairs fit in each expert's `capacity` slots.
 
     policy "position": earlier tokens win (Switch); choices of rank k=0 for all tokens come
     before k=1, so a token's first choice is dropped last. "probability": the pairs with the
-    highest routing weight win. Built from a sort, never a T x E x C mask.
+    highest routing score win. Built from a sort, never a T x E x C mask.
     """
     T, K = topk_idx_TK.shape
     flat_idx = topk_idx_TK.t().reshape(-1)  # (K*T,) in priority order k-major, then position
     if policy == "probability":
-        order = topk_w_TK.t().reshape(-1).argsort(descending=True, stable=True)
+        order = topk_score_TK.t().reshape(-1).argsort(descending=True, stable=True)
     else:
         order = torch.arange(K * T, device=flat_idx.device)
     expert_of_order = flat_idx[order]
@@ -114,7 +114,9 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> Routing:
         cfg, E = self.cfg, self.num_experts
-        logits_TE = self.gate(x_TD).float()  # routing math in fp32, also under autocast
+        # routing math in fp32, the gate matmul included, also under autocast (DeepSeek-V3)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         if cfg.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:
@@ -125,7 +127,8 @@ class Router(nn.Module):
             mask_TE = group_limited_mask(select_TE, cfg.n_groups, cfg.topk_groups)
             select_TE = select_TE.masked_fill(~mask_TE, float("-inf"))
         topk_idx_TK = select_TE.topk(cfg.top_k, dim=-1).indices
-        topk_w_TK = scores_TE.gather(1, topk_idx_TK)
+        topk_scores_TK = scores_TE.gather(1, topk_idx_TK)
+        topk_w_TK = topk_scores_TK
         if cfg.renormalize:
             topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         topk_w_TK = topk_w_TK * cfg.routed_scaling
@@ -144,7 +147,9 @@ class Router(nn.Module):
         keep_TK = None
         if cfg.capacity_factor is not None:
             capacity = math.ceil(cfg.capacity_factor * topk_idx_TK.numel() / E)
-            keep_TK = capacity_keep_mask(topk_idx_TK, topk_w_TK.detach(), capacity, E, cfg.drop_policy)
+            # "probability" ranks pairs by their raw routing score, comparable across tokens
+            # (renormalised weights are per-token shares: all 1.0 with top-1)
+            keep_TK = capacity_keep_mask(topk_idx_TK, topk_scores_TK.detach(), capacity, E, cfg.drop_policy)
         counts_E = torch.bincount(topk_idx_TK.view(-1), minlength=E)
         return Routing(topk_idx_TK, topk_w_TK, keep_TK, counts_E, aux_loss, z_loss)
 

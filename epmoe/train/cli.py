@@ -36,7 +36,9 @@ def to_config(cfg: DictConfig) -> Config:
     except Exception as e:  # missing mandatory values (???) and late type errors
         raise ConfigError(one_line(e)) from None
     if not isinstance(obj, Config):
-        raise ConfigError(f"the composed config is a {type(obj).__name__}, not epmoe's Config; is base_config first in defaults?")
+        raise ConfigError(
+            f"the composed config is a {type(obj).__name__}, not epmoe's Config; is base_config first in defaults?"
+        )
     return validate(obj)
 
 

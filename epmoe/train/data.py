@@ -49,7 +49,9 @@ def _concat(docs: list[bytes]) -> torch.Tensor:
     return torch.frombuffer(bytearray(joined), dtype=torch.uint8)
 
 
-def _split_docs(named_docs: list[tuple[str, bytes]], val_fraction: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_docs(
+    named_docs: list[tuple[str, bytes]], val_fraction: float, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     train = [d for n, d in named_docs if not _is_val(n, val_fraction)]
     val = [d for n, d in named_docs if _is_val(n, val_fraction)]
     if not val or not train:  # too few documents to split by name: split the last one by position
@@ -82,7 +84,9 @@ def _read_text(path: Path) -> list[tuple[str, bytes]]:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); data.kind=text reads text files") from None
+            raise DataError(
+                f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); data.kind=text reads text files"
+            ) from None
         docs.append((str(p.relative_to(path)) if path.is_dir() else p.name, raw))
     return docs
 

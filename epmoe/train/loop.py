@@ -134,8 +134,13 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         start_step = state["step"]
 
     bar = tqdm(
-        total=t_cfg.steps, initial=start_step, disable=not cfg.logger.progress, file=sys.stderr,
-        dynamic_ncols=True, desc="train", unit="step",
+        total=t_cfg.steps,
+        initial=start_step,
+        disable=not cfg.logger.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc="train",
+        unit="step",
     )
     loggers = Loggers(cfg.logger, run_dir, cfg, write=bar.write)
     n_params = sum(p.numel() for p in model.parameters())
@@ -148,8 +153,11 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
 
     def save_checkpoint(step: int) -> Path:
         state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "config": asdict(cfg),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "config": asdict(cfg),
         }
         return checkpoint.save(run_dir, step, state)
 
@@ -191,7 +199,11 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
 
 
 def train_step(
-    model: Transformer, optimizer: torch.optim.Optimizer, data: TokenSplits, cfg: Config, device: torch.device,
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    data: TokenSplits,
+    cfg: Config,
+    device: torch.device,
     step: int,
 ) -> dict[str, Any]:
     """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
