@@ -21,8 +21,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-train: install  ## the main job: a small MoE training run on the built-in corpus
-	$(PY) -m epmoe.train $(ARGS)
+train: install  ## the main job: a small MoE training run on the built-in corpus (ARGS=overrides)
+	$(PY) -m epmoe.train logger=wandb $(ARGS)
 
 test: install  ## the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q tests $(ARGS)

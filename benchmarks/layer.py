@@ -25,6 +25,11 @@ the grouped GEMM cost nothing beyond the matmuls a dense layer of the same activ
 Goal: ratio <= 1.10 for the grouped path; it must stay <= 1.25. The loop path is the readable
 reference and is shown for scale, not held to the goal.
 
+NOTE: the MoE materialises (T*k, D) rows (permuted inputs, expert outputs and their grads), k times
+the dense layer's (T, D). glibc serves tensors over 32 MB with fresh mmaps that are page-faulted in
+on every step, so on CPU much of the MoE's overhead is allocation, not arithmetic; it is measured
+as it is, with the default allocator. On a shared VM, rows can swing by 10% or more between runs.
+
     .venv/bin/python benchmarks/layer.py [--steps 5] [--warmup 2] [--workload all] [--dtype all]
 """
 

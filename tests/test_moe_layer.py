@@ -66,7 +66,7 @@ def test_permute_then_unpermute_with_top1_unit_weights_returns_x():
     perm = make_permutation(bins_TK, None, num_bins=4)
     x_ND = permute(x_TD, perm)
     assert torch.equal(x_ND, x_TD[[1, 4, 3, 5, 0, 2]])  # sorted by expert, ties in token order
-    y_TD = unpermute(x_ND, perm, torch.ones(6, 1, dtype=torch.float64), num_tokens=6)
+    y_TD = unpermute(x_ND, perm, torch.ones(6, 1, dtype=torch.float64))
     assert torch.equal(y_TD, x_TD)
 
 
@@ -74,7 +74,7 @@ def test_permute_then_unpermute_with_top2_unit_weights_returns_2x():
     torch.manual_seed(0)
     x_TD = torch.randn(3, 4, dtype=torch.float64)
     perm = make_permutation(torch.tensor(BINS_TK), None, num_bins=4)
-    y_TD = unpermute(permute(x_TD, perm), perm, torch.ones(3, 2, dtype=torch.float64), num_tokens=3)
+    y_TD = unpermute(permute(x_TD, perm), perm, torch.ones(3, 2, dtype=torch.float64))
     assert torch.equal(y_TD, 2 * x_TD)
 
 
@@ -86,7 +86,7 @@ def test_unpermute_weights_kept_choices_and_dropped_pairs_contribute_zero():
     keep_TK = torch.tensor([[True, False], [True, True], [False, True], [False, False]])
     w_TK = torch.tensor([[0.25, 0.5], [0.5, 0.25], [0.125, 2.0], [1.0, 1.0]], dtype=torch.float64)
     perm = make_permutation(bins_TK, keep_TK, num_bins=3)
-    y_TD = unpermute(permute(x_TD, perm), perm, w_TK, num_tokens=4)
+    y_TD = unpermute(permute(x_TD, perm), perm, w_TK)
     expected = torch.stack([0.25 * x_TD[0], 0.75 * x_TD[1], 2.0 * x_TD[2], torch.zeros(4, dtype=torch.float64)])
     assert torch.equal(y_TD, expected)
 
@@ -285,3 +285,31 @@ def test_bf16_autocast_moe_forward_is_close_to_fp32():
     scale = y_fp32.abs().max().item()
     torch.testing.assert_close(y_bf16, y_fp32, atol=0.02 * scale, rtol=0)
     assert (y_bf16 - y_fp32).abs().max().item() > 0  # bf16 really ran
+
+
+@pytest.mark.parametrize("with_drops", [False, True])
+def test_permute_and_combine_gradients_pass_gradcheck(with_drops: bool):
+    torch.manual_seed(0)
+    T, K, D, E = 5, 2, 3, 3
+    idx_TK = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]])
+    keep_TK = torch.rand(T, K) > 0.3 if with_drops else None
+    perm = make_permutation(idx_TK, keep_TK, E)
+    x_TD = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    w_TK = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
+    scale_ND = torch.randn(perm.choice_N.numel(), D, dtype=torch.float64)  # a stand-in expert
+    assert torch.autograd.gradcheck(lambda x, w: unpermute(permute(x, perm) * scale_ND, perm, w), (x_TD, w_TK))
+
+
+def test_combine_matches_the_scatter_reference_with_drops():
+    torch.manual_seed(1)
+    T, K, D, E = 6, 2, 4, 3
+    idx_TK = torch.randint(0, E, (T, K))
+    keep_TK = torch.tensor([[True, False], [True, True], [False, False], [True, True], [False, True], [True, True]])
+    perm = make_permutation(idx_TK, keep_TK, E)
+    y_ND = torch.randn(perm.choice_N.numel(), D, dtype=torch.float64)
+    w_TK = torch.rand(T, K, dtype=torch.float64)
+    expected_TD = torch.zeros(T, D, dtype=torch.float64)
+    for n, pair in enumerate(perm.choice_N.tolist()):  # the slow reference: scatter pair by pair
+        expected_TD[pair // K] += w_TK[pair // K, pair % K] * y_ND[n]
+    assert torch.allclose(unpermute(y_ND, perm, w_TK), expected_TD, rtol=0, atol=1e-12)
+    assert torch.equal(unpermute(y_ND, perm, w_TK)[2], torch.zeros(D, dtype=torch.float64))  # all dropped

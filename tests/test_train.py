@@ -125,3 +125,17 @@ def test_grad_accum_steps_on_the_mean_gradient_of_its_micro_batches(text_corpus:
     for name, p in reference.named_parameters():  # SGD with lr 1: new = old - mean gradient
         expected = before[name] - p.grad
         torch.testing.assert_close(dict(model.named_parameters())[name].detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_vs_dense_experiment_sweeps_both_models(tmp_path: Path, text_corpus: Path) -> None:
+    proc = run_cli(
+        "--multirun", "experiment=moe_vs_dense", "train=smoke", "train.steps=4", "data.seq_len=64",
+        "data=text", f"data.path={text_corpus}", "logger.progress=false", "logger.plots=false",
+        f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    moe, dense = ([json.loads(line) for line in (tmp_path / job / "metrics.jsonl").read_text().splitlines()]
+                  for job in ("0", "1"))  # fmt: skip
+    assert len(moe[-1]["expert_load"]) == 3  # moe_small: 4 layers, the first dense
+    assert "expert_load" not in dense[-1]
+    assert proc.stdout.count("held-out") == 2

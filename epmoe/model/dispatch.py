@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from epmoe.model.experts import compute_dtype
 from epmoe.model.permute import make_permutation, permute, unpermute
 from epmoe.model.router import Routing
 
@@ -31,5 +32,7 @@ class LocalDispatcher:
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
         perm = make_permutation(routing.topk_idx_TK, routing.keep_TK, self.num_experts)
+        # cast before the K-fold copy, not after: the experts compute in this dtype anyway
+        x_TD = x_TD.to(compute_dtype(x_TD))
         y_ND = expert_fn(permute(x_TD, perm), perm.counts_E)
-        return unpermute(y_ND, perm, routing.topk_w_TK, x_TD.shape[0])
+        return unpermute(y_ND, perm, routing.topk_w_TK)

@@ -3,8 +3,12 @@
 Shape key: T tokens, K choices per token, D model width, E experts (or any bins the rows are
 grouped by), N = number of kept (token, choice) pairs (T*K when dropless).
 
-No T x E x C masks: one stable argsort of the flattened expert ids gives the order; the
-inverse is an `index_add_` over token ids, whose backward is a gather. Memory is O(T*K*D).
+No T x E x C masks: one stable argsort of the flattened expert ids gives the order, and its
+inverse `inv_TK` (where each pair landed; N for a dropped pair) turns both directions into
+gathers: permute's backward gathers each token's K row gradients and sums them, combine
+gathers each token's K expert outputs and mixes them with one batched matmul. Gathers with
+an inverse map beat scatters (`index_add_`) on CPU and keep K-sums in fp32. Memory is
+O(T*K*D).
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ import torch
 
 @dataclass
 class Permutation:
-    """Where each sorted row came from and how many rows each bin holds."""
+    """Where each sorted row came from, where each pair went, and how many rows each bin holds."""
 
     token_N: torch.Tensor  # int64 token id of sorted row n
     choice_N: torch.Tensor  # int64 flat (token*K + k) index of sorted row n
+    inv_TK: torch.Tensor  # int64 sorted row of pair (t, k); N where the pair was dropped
     counts_E: torch.Tensor  # int64 rows per bin; rows of bin e are contiguous, in bin order
+
+    @property
+    def has_drops(self) -> bool:
+        return self.choice_N.numel() < self.inv_TK.numel()
 
 
 def make_permutation(bins_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_bins: int) -> Permutation:
@@ -36,22 +45,65 @@ def make_permutation(bins_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_bi
     else:
         kept = keep_TK.reshape(-1).nonzero().squeeze(1)
         choice_N = kept[flat_bins[kept].argsort(stable=True)]
+    N = choice_N.numel()
+    inv = torch.full((T * K,), N, dtype=torch.long, device=bins_TK.device)
+    inv[choice_N] = torch.arange(N, device=bins_TK.device)
     counts_E = torch.bincount(flat_bins[choice_N], minlength=num_bins)
-    return Permutation(token_N=choice_N // K, choice_N=choice_N, counts_E=counts_E)
+    return Permutation(token_N=choice_N // K, choice_N=choice_N, inv_TK=inv.view(T, K), counts_E=counts_E)
+
+
+def _gather_pairs(rows_ND: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """rows_TKD[t, k] = rows_ND[inv_TK[t, k]], zero for dropped pairs."""
+    T, K = perm.inv_TK.shape
+    if perm.has_drops:  # dropped pairs point at row N: a zero row appended here
+        rows_ND = torch.cat([rows_ND, rows_ND.new_zeros(1, rows_ND.shape[1])])
+    return rows_ND.index_select(0, perm.inv_TK.reshape(-1)).view(T, K, -1)
+
+
+class _Permute(torch.autograd.Function):
+    """x_ND = x_TD[token_N]; backward: grad_x_TD = sum over k of grad rows, in fp32."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, perm: Permutation) -> torch.Tensor:  # noqa: D102
+        ctx.perm = perm
+        return x_TD.index_select(0, perm.token_N)
+
+    @staticmethod
+    def backward(ctx, g_ND: torch.Tensor):  # noqa: D102
+        g_TKD = _gather_pairs(g_ND, ctx.perm)
+        return g_TKD.sum(1, dtype=torch.float32).to(g_ND.dtype), None
+
+
+class _Combine(torch.autograd.Function):
+    """y_TD[t] = sum_k w_TK[t, k] * y_ND[inv_TK[t, k]] as one (1 x K) @ (K x D) matmul per token."""
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, w_TK: torch.Tensor, perm: Permutation) -> torch.Tensor:  # noqa: D102
+        y_TKD = _gather_pairs(y_ND, perm)
+        w_T1K = w_TK.to(y_ND.dtype).unsqueeze(1)
+        ctx.save_for_backward(y_TKD, w_T1K)
+        ctx.perm, ctx.w_dtype = perm, w_TK.dtype
+        return torch.bmm(w_T1K, y_TKD).squeeze(1)  # (T, 1, K) @ (T, K, D) -> (T, D)
+
+    @staticmethod
+    def backward(ctx, g_TD: torch.Tensor):  # noqa: D102
+        y_TKD, w_T1K = ctx.saved_tensors
+        g_TD = g_TD.to(y_TKD.dtype).contiguous()
+        gw_TK = torch.bmm(y_TKD, g_TD.unsqueeze(2)).squeeze(2).to(ctx.w_dtype)  # (T,K,D) @ (T,D,1)
+        g_TKD = w_T1K.transpose(1, 2) * g_TD.unsqueeze(1)  # (T, K, 1) * (T, 1, D)
+        g_ND = g_TKD.view(-1, g_TD.shape[1]).index_select(0, ctx.perm.choice_N)
+        return g_ND, gw_TK, None
 
 
 def permute(x_TD: torch.Tensor, perm: Permutation) -> torch.Tensor:
     """x_ND: row n is the token that sorted pair n came from."""
-    return x_TD.index_select(0, perm.token_N)
+    return _Permute.apply(x_TD, perm)
 
 
-def unpermute(y_ND: torch.Tensor, perm: Permutation, topk_w_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def unpermute(y_ND: torch.Tensor, perm: Permutation, topk_w_TK: torch.Tensor) -> torch.Tensor:
     """y_TD = sum over each token's kept choices of weight * expert output (0 if all dropped).
 
-    NOTE: accumulates and returns in the weights' dtype (fp32 from the router), so bf16
-    expert outputs are summed over K in fp32 and the residual stream stays fp32.
+    NOTE: returns y_ND's dtype. Under bf16 autocast the K-sum accumulates in fp32 inside the
+    batched matmul and the result is rounded to bf16 once, like any autocast matmul output.
     """
-    w_N = topk_w_TK.reshape(-1).index_select(0, perm.choice_N)
-    weighted_ND = y_ND.to(w_N.dtype) * w_N.unsqueeze(1)
-    y_TD = weighted_ND.new_zeros(num_tokens, y_ND.shape[1])
-    return y_TD.index_add_(0, perm.token_N, weighted_ND)
+    return _Combine.apply(y_ND, topk_w_TK, perm)
