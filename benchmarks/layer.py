@@ -98,17 +98,13 @@ def moe_step(moe: MoE, x_BSD: torch.Tensor, g_BSD: torch.Tensor, autocast_dtype:
         t0 = time.perf_counter()
         with autocast(autocast_dtype):
             y_BSD, routing = moe(x_BSD)
-        torch.autograd.backward(
-            [y_BSD, routing.aux_loss], [g_BSD.to(y_BSD.dtype), torch.ones_like(routing.aux_loss)]
-        )
+        torch.autograd.backward([y_BSD, routing.aux_loss], [g_BSD.to(y_BSD.dtype), torch.ones_like(routing.aux_loss)])
         return time.perf_counter() - t0
 
     return step
 
 
-def dense_step(
-    mlp: MLP, x_BSD: torch.Tensor, g_BSD: torch.Tensor, autocast_dtype: torch.dtype | None
-) -> Step:
+def dense_step(mlp: MLP, x_BSD: torch.Tensor, g_BSD: torch.Tensor, autocast_dtype: torch.dtype | None) -> Step:
     """One timed fwd+bwd of the dense floor with the same grad_output."""
 
     def step() -> float:

@@ -139,3 +139,20 @@ def test_moe_vs_dense_experiment_sweeps_both_models(tmp_path: Path, text_corpus:
     assert len(moe[-1]["expert_load"]) == 3  # moe_small: 4 layers, the first dense
     assert "expert_load" not in dense[-1]
     assert proc.stdout.count("held-out") == 2
+
+
+def test_interrupt_saves_the_last_completed_step(tmp_path: Path, text_corpus: Path, monkeypatch) -> None:
+    from epmoe.train import loop
+
+    real_step = loop.train_step
+
+    def interrupted_at_step_3(*args):
+        if args[-1] == 3:  # the 4th step: steps 1-3 are done
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(loop, "train_step", interrupted_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny(text_corpus, "train.steps=8"), tmp_path / "run")
+    assert checkpoint.latest(tmp_path / "run").name == "step_00000003.pt"
+    assert checkpoint.load(tmp_path / "run")["step"] == 3

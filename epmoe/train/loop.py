@@ -161,28 +161,29 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         }
         return checkpoint.save(run_dir, step, state)
 
+    completed = start_step  # optimizer steps whose effect is in the model
     try:
         for step in range(start_step, t_cfg.steps):
             t0 = time.perf_counter()
             record = train_step(model, optimizer, data, cfg, device, step)
             scheduler.step()
+            completed = step + 1
             record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
             result.losses.append(record["loss"])
-            done = step + 1
-            if t_cfg.eval_every and (done % t_cfg.eval_every == 0 or done == t_cfg.steps):
+            last = completed == t_cfg.steps
+            if t_cfg.eval_every and (completed % t_cfg.eval_every == 0 or last):
                 result.val_loss = evaluate(model, data, cfg, device)
                 record.update(val_loss=result.val_loss, val_bpb=result.val_loss / LN2)
-            loggers.log(record, console=done % t_cfg.log_every == 0 or "val_loss" in record or done == t_cfg.steps)
+            loggers.log(record, console=completed % t_cfg.log_every == 0 or "val_loss" in record or last)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
-            if t_cfg.checkpoint_every and done % t_cfg.checkpoint_every == 0 and done != t_cfg.steps:
-                save_checkpoint(done)
+            if t_cfg.checkpoint_every and completed % t_cfg.checkpoint_every == 0 and not last:
+                save_checkpoint(completed)
         bar.close()
         if result.val_loss is None:  # eval_every=0 (or nothing left to run): validate once at the end
             result.val_loss = evaluate(model, data, cfg, device)
         result.checkpoint = save_checkpoint(t_cfg.steps)
-        summary = {"val_loss": result.val_loss, "val_bpb": result.val_bpb, "steps": t_cfg.steps}
-        loggers.summary(summary)
+        loggers.summary({"val_loss": result.val_loss, "val_bpb": result.val_bpb, "steps": t_cfg.steps})
         print(f"done: held-out {result.val_bpb:.4f} bits/token (cross-entropy {result.val_loss:.4f} nats)")
         if t_cfg.sample_bytes and cfg.data.kind != "bin":
             print("sample:\n" + sample_text(model, data, cfg, device))
@@ -192,6 +193,11 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
             print(f"metrics: {run_dir / 'metrics.jsonl'}")
         if loggers.wandb_dir is not None:
             print(f"wandb ({cfg.logger.wandb_mode}): {loggers.wandb_dir}")
+    except KeyboardInterrupt:
+        bar.close()
+        if start_step < completed < t_cfg.steps:  # keep the work: resume with train.resume=<run dir>
+            print(f"interrupted: saved {save_checkpoint(completed)}", file=sys.stderr)
+        raise
     finally:
         bar.close()
         loggers.close()
