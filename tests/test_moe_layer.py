@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from epmoe.config import ModelConfig, RouterConfig
 from epmoe.model.dispatch import LocalDispatcher
-from epmoe.model.experts import MLP, GroupedExperts
+from epmoe.model.experts import MLP, GroupedExperts, auto_impl
 from epmoe.model.moe import MoE
 from epmoe.model.permute import make_permutation, permute, unpermute
 from epmoe.model.router import Routing
@@ -313,3 +313,14 @@ def test_combine_matches_the_scatter_reference_with_drops():
         expected_TD[pair // K] += w_TK[pair // K, pair % K] * y_ND[n]
     assert torch.allclose(unpermute(y_ND, perm, w_TK), expected_TD, rtol=0, atol=1e-12)
     assert torch.equal(unpermute(y_ND, perm, w_TK)[2], torch.zeros(D, dtype=torch.float64))  # all dropped
+
+
+def test_auto_expert_path_is_the_loop_on_cpu_and_computes_the_same():
+    assert auto_impl(torch.device("cpu")) == "loop"
+    torch.manual_seed(0)
+    auto = GroupedExperts(3, 8, 16, "swiglu", impl="auto")
+    grouped = GroupedExperts(3, 8, 16, "swiglu", impl="grouped")
+    grouped.load_state_dict(auto.state_dict())
+    counts_E = torch.tensor([2, 0, 5])
+    x_ND = torch.randn(7, 8)
+    torch.testing.assert_close(auto(x_ND, counts_E), grouped(x_ND, counts_E), atol=1e-5, rtol=1e-5)

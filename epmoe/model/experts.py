@@ -24,6 +24,11 @@ from torch import nn
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
+def auto_impl(device: torch.device) -> str:
+    """The path `expert_impl=auto` takes on `device` (see the module docstring for why)."""
+    return "grouped" if device.type == "cuda" and HAS_GROUPED_MM else "loop"
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous.
 
@@ -91,7 +96,8 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_down_EFD, std=out_init_scale / math.sqrt(F_))
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if self.impl == "grouped" or (self.impl == "auto" and x_ND.is_cuda and HAS_GROUPED_MM):
+        impl = auto_impl(x_ND.device) if self.impl == "auto" else self.impl
+        if impl == "grouped":
             return self.forward_grouped(x_ND, counts_E)
         return self.forward_loop(x_ND, counts_E)
 

@@ -90,8 +90,9 @@ class _Combine(torch.autograd.Function):
         y_TKD, w_T1K = ctx.saved_tensors
         g_TD = g_TD.to(y_TKD.dtype).contiguous()
         gw_TK = torch.bmm(y_TKD, g_TD.unsqueeze(2)).squeeze(2).to(ctx.w_dtype)  # (T,K,D) @ (T,D,1)
-        g_TKD = w_T1K.transpose(1, 2) * g_TD.unsqueeze(1)  # (T, K, 1) * (T, 1, D)
-        g_ND = g_TKD.view(-1, g_TD.shape[1]).index_select(0, ctx.perm.choice_N)
+        # grad of row n = w of its pair * grad of its token: one gather, scaled in place
+        w_N = w_T1K.reshape(-1).index_select(0, ctx.perm.choice_N)
+        g_ND = g_TD.index_select(0, ctx.perm.token_N).mul_(w_N.unsqueeze(1))
         return g_ND, gw_TK, None
 
 
