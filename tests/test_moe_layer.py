@@ -324,3 +324,24 @@ def test_auto_expert_path_is_the_loop_on_cpu_and_computes_the_same():
     counts_E = torch.tensor([2, 0, 5])
     x_ND = torch.randn(7, 8)
     torch.testing.assert_close(auto(x_ND, counts_E), grouped(x_ND, counts_E), atol=1e-5, rtol=1e-5)
+
+
+def test_combine_and_permute_are_exact_when_split_into_many_token_blocks(monkeypatch):
+    import epmoe.model.permute as permute_module
+
+    monkeypatch.setattr(permute_module, "CHUNK_BYTES", 1)  # one token per block
+    torch.manual_seed(2)
+    T, K, D, E = 7, 3, 4, 4
+    idx_TK = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    keep_TK = torch.rand(T, K) > 0.25
+    perm = make_permutation(idx_TK, keep_TK, E)
+    assert len(permute_module._token_chunks(perm, D * 8)) == T
+    y_ND = torch.randn(perm.choice_N.numel(), D, dtype=torch.float64)
+    w_TK = torch.rand(T, K, dtype=torch.float64)
+    expected_TD = torch.zeros(T, D, dtype=torch.float64)
+    for n, pair in enumerate(perm.choice_N.tolist()):
+        expected_TD[pair // K] += w_TK[pair // K, pair % K] * y_ND[n]
+    assert torch.allclose(unpermute(y_ND, perm, w_TK), expected_TD, rtol=0, atol=1e-12)
+    x_TD = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    w_TK.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: unpermute(permute(x, perm) * 2.0, perm, w), (x_TD, w_TK))

@@ -6,9 +6,9 @@ grouped by), N = number of kept (token, choice) pairs (T*K when dropless).
 No T x E x C masks: one stable argsort of the flattened expert ids gives the order, and its
 inverse `inv_TK` (where each pair landed; N for a dropped pair) turns both directions into
 gathers: permute's backward gathers each token's K row gradients and sums them, combine
-gathers each token's K expert outputs and mixes them with one batched matmul. Gathers with
-an inverse map beat scatters (`index_add_`) on CPU and keep K-sums in fp32. Memory is
-O(T*K*D).
+gathers each token's K expert outputs and mixes them with one batched matmul, block by
+block of tokens. Gathers with an inverse map beat scatters (`index_add_`) on CPU and keep
+K-sums in fp32. Memory is O(T*K*D).
 """
 
 from __future__ import annotations
@@ -52,12 +52,30 @@ def make_permutation(bins_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_bi
     return Permutation(token_N=choice_N // K, choice_N=choice_N, inv_TK=inv.view(T, K), counts_E=counts_E)
 
 
-def _gather_pairs(rows_ND: torch.Tensor, perm: Permutation) -> torch.Tensor:
-    """rows_TKD[t, k] = rows_ND[inv_TK[t, k]], zero for dropped pairs."""
+CHUNK_BYTES = 8 << 20  # gathered (tokens, K, D) blocks stay this small (see _token_chunks)
+
+
+def _token_chunks(perm: Permutation, row_bytes: int) -> list[tuple[int, int]]:
+    """Token ranges whose K gathered rows take about CHUNK_BYTES.
+
+    NOTE: working block by block keeps every temporary below glibc's mmap threshold (32 MB)
+    and in cache; one (T, K, D) gather would be a fresh, page-faulted buffer every step.
+    """
     T, K = perm.inv_TK.shape
-    if perm.has_drops:  # dropped pairs point at row N: a zero row appended here
-        rows_ND = torch.cat([rows_ND, rows_ND.new_zeros(1, rows_ND.shape[1])])
-    return rows_ND.index_select(0, perm.inv_TK.reshape(-1)).view(T, K, -1)
+    step = max(1, CHUNK_BYTES // max(1, K * row_bytes))
+    return [(t, min(t + step, T)) for t in range(0, T, step)]
+
+
+def _with_zero_row(rows_ND: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """Dropped pairs point at row N: append a zero row for them (only when there are drops)."""
+    if not perm.has_drops:
+        return rows_ND
+    return torch.cat([rows_ND, rows_ND.new_zeros(1, rows_ND.shape[1])])
+
+
+def _gather_pairs(rows_ND: torch.Tensor, perm: Permutation, t0: int, t1: int) -> torch.Tensor:
+    """rows_tKD[t, k] = rows_ND[inv_TK[t0 + t, k]] for tokens t0..t1 (rows_ND from _with_zero_row)."""
+    return rows_ND.index_select(0, perm.inv_TK[t0:t1].reshape(-1)).view(t1 - t0, perm.inv_TK.shape[1], -1)
 
 
 class _Permute(torch.autograd.Function):
@@ -70,8 +88,12 @@ class _Permute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_ND: torch.Tensor):  # noqa: D102
-        g_TKD = _gather_pairs(g_ND, ctx.perm)
-        return g_TKD.sum(1, dtype=torch.float32).to(g_ND.dtype), None
+        perm = ctx.perm
+        g_rows = _with_zero_row(g_ND, perm)
+        g_TD = g_ND.new_empty(perm.inv_TK.shape[0], g_ND.shape[1])
+        for t0, t1 in _token_chunks(perm, g_ND.shape[1] * g_ND.element_size()):
+            g_TD[t0:t1] = _gather_pairs(g_rows, perm, t0, t1).sum(1, dtype=torch.float32)
+        return g_TD, None
 
 
 class _Combine(torch.autograd.Function):
@@ -79,21 +101,30 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_ND: torch.Tensor, w_TK: torch.Tensor, perm: Permutation) -> torch.Tensor:  # noqa: D102
-        y_TKD = _gather_pairs(y_ND, perm)
         w_T1K = w_TK.to(y_ND.dtype).unsqueeze(1)
-        ctx.save_for_backward(y_TKD, w_T1K)
+        y_rows = _with_zero_row(y_ND, perm)
+        y_TD = y_ND.new_empty(w_TK.shape[0], y_ND.shape[1])
+        for t0, t1 in _token_chunks(perm, y_ND.shape[1] * y_ND.element_size()):
+            # (t, 1, K) @ (t, K, D) -> (t, 1, D)
+            torch.bmm(w_T1K[t0:t1], _gather_pairs(y_rows, perm, t0, t1), out=y_TD[t0:t1].unsqueeze(1))
+        ctx.save_for_backward(y_ND, w_T1K)
         ctx.perm, ctx.w_dtype = perm, w_TK.dtype
-        return torch.bmm(w_T1K, y_TKD).squeeze(1)  # (T, 1, K) @ (T, K, D) -> (T, D)
+        return y_TD
 
     @staticmethod
     def backward(ctx, g_TD: torch.Tensor):  # noqa: D102
-        y_TKD, w_T1K = ctx.saved_tensors
-        g_TD = g_TD.to(y_TKD.dtype).contiguous()
-        gw_TK = torch.bmm(y_TKD, g_TD.unsqueeze(2)).squeeze(2).to(ctx.w_dtype)  # (T,K,D) @ (T,D,1)
+        y_ND, w_T1K = ctx.saved_tensors
+        perm = ctx.perm
+        g_TD = g_TD.to(y_ND.dtype).contiguous()
+        y_rows = _with_zero_row(y_ND, perm)
+        gw_TK = g_TD.new_empty(perm.inv_TK.shape)
+        for t0, t1 in _token_chunks(perm, y_ND.shape[1] * y_ND.element_size()):
+            # (t, K, D) @ (t, D, 1) -> (t, K, 1): d loss / d w = <expert output, token grad>
+            torch.bmm(_gather_pairs(y_rows, perm, t0, t1), g_TD[t0:t1].unsqueeze(2), out=gw_TK[t0:t1].unsqueeze(2))
         # grad of row n = w of its pair * grad of its token: one gather, scaled in place
-        w_N = w_T1K.reshape(-1).index_select(0, ctx.perm.choice_N)
-        g_ND = g_TD.index_select(0, ctx.perm.token_N).mul_(w_N.unsqueeze(1))
-        return g_ND, gw_TK, None
+        w_N = w_T1K.reshape(-1).index_select(0, perm.choice_N)
+        g_ND = g_TD.index_select(0, perm.token_N).mul_(w_N.unsqueeze(1))
+        return g_ND, gw_TK.to(ctx.w_dtype), None
 
 
 def permute(x_TD: torch.Tensor, perm: Permutation) -> torch.Tensor:
