@@ -56,6 +56,7 @@ def test_overrides_reach_the_dataclasses() -> None:
         (["data=text"], "data.path"),
         (["model.n_heads=3"], "model.d_model (256) / model.n_heads (3)"),
         (["parallel.ep=2"], "only the single-process layout"),
+        (["model=huge"], "Could not find 'model/huge' (options: dense_small, moe_small)"),
     ],
 )
 def test_bad_config_is_a_one_line_error_naming_the_value(overrides: list[str], expected: str) -> None:

@@ -22,7 +22,16 @@ def one_line(e: BaseException) -> str:
     parts = []
     while e is not None and len(parts) < 3:
         text = str(e).strip()
-        line = text.splitlines()[0].rstrip(".") if text else type(e).__name__
+        lines = text.splitlines()
+        line = lines[0].rstrip(".") if text else type(e).__name__
+        if "Available options" in text:  # a missing group option: name the ones that exist
+            start = next(i for i, x in enumerate(lines) if "Available options" in x) + 1
+            options = []
+            for x in lines[start:]:
+                if not x.startswith("\t"):  # the indented list ends at the first other line
+                    break
+                options.append(x.strip())
+            line += f" (options: {', '.join(options)})"
         if line not in parts:
             parts.append(line)
         e = e.__cause__ or e.__context__
