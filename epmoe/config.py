@@ -39,7 +39,7 @@ class ModelConfig:
     activation: str = "swiglu"  # swiglu | gelu
     n_shared_experts: int = 0
     shared_hidden: int = 256  # hidden size of each shared expert
-    expert_impl: str = "auto"  # auto | grouped | loop  (loop = the kept reference path)
+    expert_impl: str = "auto"  # auto | grouped | loop | fused  (loop = the kept reference path)
     tie_embeddings: bool = True
 
 
@@ -172,7 +172,7 @@ def validate(cfg: Config) -> Config:
     _positive("model.expert_hidden", m.expert_hidden)
     _positive("model.shared_hidden", m.shared_hidden)
     _choice("model.activation", m.activation, ("swiglu", "gelu"))
-    _choice("model.expert_impl", m.expert_impl, ("auto", "grouped", "loop"))
+    _choice("model.expert_impl", m.expert_impl, ("auto", "grouped", "loop", "fused"))
     if m.num_experts > 0:
         if not 1 <= r.top_k <= m.num_experts:
             raise ConfigError(f"router.top_k ({r.top_k}) must be between 1 and model.num_experts ({m.num_experts})")

@@ -7,6 +7,8 @@ N kept (token, choice) pairs sorted by expert, B sequences, S sequence length, V
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,7 +182,7 @@ def test_loop_experts_compute_the_per_expert_ffn_by_hand():
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-@pytest.mark.parametrize("impl", ["grouped", "loop"])
+@pytest.mark.parametrize("impl", ["grouped", "loop", "fused"])
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_one_expert_top1_moe_equals_dense_mlp(activation, impl, score_func):
     torch.manual_seed(0)
@@ -315,15 +317,60 @@ def test_combine_matches_the_scatter_reference_with_drops():
     assert torch.equal(unpermute(y_ND, perm, w_TK)[2], torch.zeros(D, dtype=torch.float64))  # all dropped
 
 
-def test_auto_expert_path_is_the_loop_on_cpu_and_computes_the_same():
-    assert auto_impl(torch.device("cpu")) == "loop"
+def test_auto_expert_path_fuses_dispatch_on_cpu_and_loops_over_sorted_rows():
+    assert auto_impl(torch.device("cpu")) == "fused"
     torch.manual_seed(0)
     auto = GroupedExperts(3, 8, 16, "swiglu", impl="auto")
     grouped = GroupedExperts(3, 8, 16, "swiglu", impl="grouped")
     grouped.load_state_dict(auto.state_dict())
+    assert auto.fuses_dispatch(torch.device("cpu")) and not grouped.fuses_dispatch(torch.device("cpu"))
     counts_E = torch.tensor([2, 0, 5])
     x_ND = torch.randn(7, 8)
     torch.testing.assert_close(auto(x_ND, counts_E), grouped(x_ND, counts_E), atol=1e-5, rtol=1e-5)
+
+
+def _moe_pair(activation: str, capacity: float | None, shared: int) -> tuple[MoE, MoE]:
+    cfg = ModelConfig(d_model=16, num_experts=6, expert_hidden=12, activation=activation, n_shared_experts=shared,
+                      shared_hidden=8)  # fmt: skip
+    router_cfg = RouterConfig(top_k=2, capacity_factor=capacity, aux_loss="batch", aux_loss_coef=0.1)
+    fused = MoE(dataclasses.replace(cfg, expert_impl="fused"), router_cfg)
+    fused.router.expert_bias_E[5] = -100.0  # selection-only bias: expert 5 never gets a row
+    loop = MoE(dataclasses.replace(cfg, expert_impl="loop"), router_cfg)
+    loop.load_state_dict(fused.state_dict())
+    return fused, loop
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize(("capacity", "shared"), [(None, 0), (0.5, 1)])
+def test_fused_dispatch_matches_the_loop_reference_in_outputs_and_all_gradients(activation, capacity, shared):
+    torch.manual_seed(3)
+    fused, loop = _moe_pair(activation, capacity, shared)
+    x_BSD = torch.randn(2, 9, 16)
+    g_BSD = torch.randn(2, 9, 16)
+    results = []
+    for moe in (fused, loop):
+        x = x_BSD.clone().requires_grad_()
+        y, routing = moe(x)
+        ((y * g_BSD).sum() + routing.aux_loss).backward()
+        results.append((y, x.grad, routing))
+    (y_f, dx_f, r_f), (y_l, dx_l, r_l) = results
+    if capacity is not None:
+        assert r_f.dropped > 0  # capacity 0.5 must drop pairs for the test to cover drops
+    assert r_f.counts_E[5] == 0
+    torch.testing.assert_close(y_f, y_l, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx_f, dx_l, atol=1e-5, rtol=1e-5)
+    for (name, p_f), p_l in zip(fused.named_parameters(), loop.parameters()):
+        torch.testing.assert_close(p_f.grad, p_l.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_fused_dispatch_under_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(4)
+    fused, _ = _moe_pair("swiglu", None, 0)
+    x_BSD = torch.randn(2, 16, 16)
+    y32, _ = fused(x_BSD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, _ = fused(x_BSD)
+    assert (y16.float() - y32).abs().max() <= 0.02 * y32.abs().max()
 
 
 def test_combine_and_permute_are_exact_when_split_into_many_token_blocks(monkeypatch):

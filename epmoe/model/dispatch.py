@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from epmoe.model.experts import compute_dtype
+from epmoe.model.experts import GroupedExperts, compute_dtype
 from epmoe.model.permute import make_permutation, permute, unpermute
 from epmoe.model.router import Routing
 
@@ -25,13 +25,19 @@ class Dispatcher(Protocol):
 
 
 class LocalDispatcher:
-    """All experts live here: sort pairs by expert, compute, weight and scatter back."""
+    """All experts live here: sort pairs by expert, compute, weight and sum back per token.
+
+    With `GroupedExperts` whose path fuses dispatch (CPU by default), the experts gather,
+    compute and scatter per expert themselves (fused_experts.py): no sorted rows at all.
+    """
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
         perm = make_permutation(routing.topk_idx_TK, routing.keep_TK, self.num_experts)
+        if isinstance(expert_fn, GroupedExperts) and expert_fn.fuses_dispatch(x_TD.device):
+            return expert_fn.forward_fused(x_TD, perm, routing.topk_w_TK)
         # cast before the K-fold copy, not after: the experts compute in this dtype anyway
         x_TD = x_TD.to(compute_dtype(x_TD))
         y_ND = expert_fn(permute(x_TD, perm), perm.counts_E)

@@ -3,14 +3,15 @@
 Shape key: N rows (token, choice pairs) sorted by expert, D model width, F expert hidden
 size, E experts. `counts_E[e]` rows of expert e follow those of expert e-1.
 
-Two paths compute the same function:
+Paths that compute the same function:
 - `grouped`: one `torch._grouped_mm` per projection over all segments;
-- `loop`: a Python loop over experts, one matmul per segment. Also the readable reference
-  the grouped path is tested against (outputs and gradients).
-`auto` (the default) takes `grouped` on CUDA and `loop` on CPU: with torch 2.13 on a 2-core
-AVX-512 CPU the loop was faster for every workload of benchmarks/layer.py (fwd+bwd of the
-experts alone, 8192 tokens: E=64/k=8/F=256 fp32 1083 vs 1230 ms, bf16 645 vs 696 ms;
-E=8/k=2/F=1024 fp32 969 vs 1058 ms, bf16 408 vs 459 ms).
+- `loop`: a Python loop over experts, one matmul per segment, left to autograd: the
+  readable reference every other path is tested against (outputs and gradients);
+- `fused` (single device only): `forward_fused` skips the sorted rows altogether, see
+  fused_experts.py; the LocalDispatcher takes it when `fuses_dispatch` says so.
+`auto` (the default) takes `grouped` on CUDA; on CPU it fuses dispatch on one device and
+runs the loop over rows sorted elsewhere. With torch 2.13 on a 2-core AVX-512 CPU,
+`_grouped_mm` was slower than the plain loop on every workload of benchmarks/layer.py.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from epmoe.model.fused_experts import GatherFFNScatter
+from epmoe.model.permute import Permutation
+
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 def auto_impl(device: torch.device) -> str:
     """The path `expert_impl=auto` takes on `device` (see the module docstring for why)."""
-    return "grouped" if device.type == "cuda" and HAS_GROUPED_MM else "loop"
+    return "grouped" if device.type == "cuda" and HAS_GROUPED_MM else "fused"
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -99,7 +103,23 @@ class GroupedExperts(nn.Module):
         impl = auto_impl(x_ND.device) if self.impl == "auto" else self.impl
         if impl == "grouped":
             return self.forward_grouped(x_ND, counts_E)
-        return self.forward_loop(x_ND, counts_E)
+        return self.forward_loop(x_ND, counts_E)  # also for `fused` when rows come sorted
+
+    def fuses_dispatch(self, device: torch.device) -> bool:
+        """Whether a single-device dispatcher should call `forward_fused` instead of `forward`."""
+        impl = auto_impl(device) if self.impl == "auto" else self.impl
+        return impl == "fused"
+
+    def forward_fused(self, x_TD: torch.Tensor, perm: Permutation, topk_w_TK: torch.Tensor) -> torch.Tensor:
+        """y_TD = sum over kept pairs of weight * expert output, without sorted (T*K, D) rows."""
+        dtype = compute_dtype(x_TD)
+        w_up = self.w_up_EDF.to(dtype) if self.w_up_EDF is not None else None
+        # NOTE: host sync for the segment sizes; autocast off inside (inputs are cast here)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return GatherFFNScatter.apply(
+                x_TD.to(dtype), topk_w_TK, self.w_gate_EDF.to(dtype), w_up, self.w_down_EFD.to(dtype),
+                perm.token_N, perm.choice_N, perm.counts_E.tolist(),
+            )  # fmt: skip
 
     def forward_grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x_ND)
