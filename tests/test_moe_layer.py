@@ -317,13 +317,17 @@ def test_combine_matches_the_scatter_reference_with_drops():
     assert torch.equal(unpermute(y_ND, perm, w_TK)[2], torch.zeros(D, dtype=torch.float64))  # all dropped
 
 
-def test_auto_expert_path_fuses_dispatch_on_cpu_and_loops_over_sorted_rows():
-    assert auto_impl(torch.device("cpu")) == "fused"
+def test_auto_expert_path_on_cpu_fuses_dispatch_only_for_large_sorted_rows():
+    assert auto_impl(torch.device("cpu"), 32 << 20) == "fused"
+    assert auto_impl(torch.device("cpu"), (32 << 20) - 1) == "loop"
     torch.manual_seed(0)
     auto = GroupedExperts(3, 8, 16, "swiglu", impl="auto")
+    # fp32 rows of width 8 are 32 bytes: top-2 of 2**19 tokens is exactly 32 MB of sorted rows
+    assert auto.fuses_dispatch(torch.empty(2**19, 8), top_k=2)
+    assert not auto.fuses_dispatch(torch.empty(2**19 - 1, 8), top_k=2)
+    assert GroupedExperts(3, 8, 16, impl="fused").fuses_dispatch(torch.empty(4, 8), top_k=1)
     grouped = GroupedExperts(3, 8, 16, "swiglu", impl="grouped")
     grouped.load_state_dict(auto.state_dict())
-    assert auto.fuses_dispatch(torch.device("cpu")) and not grouped.fuses_dispatch(torch.device("cpu"))
     counts_E = torch.tensor([2, 0, 5])
     x_ND = torch.randn(7, 8)
     torch.testing.assert_close(auto(x_ND, counts_E), grouped(x_ND, counts_E), atol=1e-5, rtol=1e-5)

@@ -27,8 +27,9 @@ class Dispatcher(Protocol):
 class LocalDispatcher:
     """All experts live here: sort pairs by expert, compute, weight and sum back per token.
 
-    With `GroupedExperts` whose path fuses dispatch (CPU by default), the experts gather,
-    compute and scatter per expert themselves (fused_experts.py): no sorted rows at all.
+    With `GroupedExperts` whose path fuses dispatch (on CPU by default once the sorted rows
+    would be large), the experts gather, compute and scatter per expert themselves
+    (fused_experts.py): no sorted rows at all.
     """
 
     def __init__(self, num_experts: int):
@@ -36,7 +37,7 @@ class LocalDispatcher:
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
         perm = make_permutation(routing.topk_idx_TK, routing.keep_TK, self.num_experts)
-        if isinstance(expert_fn, GroupedExperts) and expert_fn.fuses_dispatch(x_TD.device):
+        if isinstance(expert_fn, GroupedExperts) and expert_fn.fuses_dispatch(x_TD, routing.topk_idx_TK.shape[1]):
             return expert_fn.forward_fused(x_TD, perm, routing.topk_w_TK)
         # cast before the K-fold copy, not after: the experts compute in this dtype anyway
         x_TD = x_TD.to(compute_dtype(x_TD))

@@ -9,9 +9,10 @@ Paths that compute the same function:
   readable reference every other path is tested against (outputs and gradients);
 - `fused` (single device only): `forward_fused` skips the sorted rows altogether, see
   fused_experts.py; the LocalDispatcher takes it when `fuses_dispatch` says so.
-`auto` (the default) takes `grouped` on CUDA; on CPU it fuses dispatch on one device and
-runs the loop over rows sorted elsewhere. With torch 2.13 on a 2-core AVX-512 CPU,
-`_grouped_mm` was slower than the plain loop on every workload of benchmarks/layer.py.
+`auto` (the default) takes `grouped` on CUDA; on CPU it fuses dispatch when the sorted rows
+would be large (see `auto_impl`) and runs the loop otherwise. With torch 2.13 on a 2-core
+AVX-512 CPU, `_grouped_mm` was slower than the plain loop on every workload of
+benchmarks/layer.py.
 """
 
 from __future__ import annotations
@@ -28,9 +29,20 @@ from epmoe.model.permute import Permutation
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
-def auto_impl(device: torch.device) -> str:
-    """The path `expert_impl=auto` takes on `device` (see the module docstring for why)."""
-    return "grouped" if device.type == "cuda" and HAS_GROUPED_MM else "fused"
+# glibc's mmap threshold: buffers this large are fresh, page-faulted memory on every step
+FUSE_MIN_BYTES = 32 << 20
+
+
+def auto_impl(device: torch.device, sorted_rows_bytes: int) -> str:
+    """The path `expert_impl=auto` takes for (T*K, D) sorted rows of this size on `device`.
+
+    CUDA: grouped GEMM. CPU: fused once the sorted rows would reach FUSE_MIN_BYTES (the
+    fine-grained workload of benchmarks/layer.py), else the loop, which was a few percent
+    faster than fused on the small `make train` model (2-core CPU, torch 2.13).
+    """
+    if device.type == "cuda" and HAS_GROUPED_MM:
+        return "grouped"
+    return "fused" if sorted_rows_bytes >= FUSE_MIN_BYTES else "loop"
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -100,15 +112,19 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_down_EFD, std=out_init_scale / math.sqrt(F_))
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        impl = auto_impl(x_ND.device) if self.impl == "auto" else self.impl
+        impl = self.impl
+        if impl == "auto":
+            impl = auto_impl(x_ND.device, x_ND.numel() * x_ND.element_size())
         if impl == "grouped":
             return self.forward_grouped(x_ND, counts_E)
         return self.forward_loop(x_ND, counts_E)  # also for `fused` when rows come sorted
 
-    def fuses_dispatch(self, device: torch.device) -> bool:
+    def fuses_dispatch(self, x_TD: torch.Tensor, top_k: int) -> bool:
         """Whether a single-device dispatcher should call `forward_fused` instead of `forward`."""
-        impl = auto_impl(device) if self.impl == "auto" else self.impl
-        return impl == "fused"
+        if self.impl != "auto":
+            return self.impl == "fused"
+        row_bytes = x_TD.shape[1] * torch.empty((), dtype=compute_dtype(x_TD)).element_size()
+        return auto_impl(x_TD.device, x_TD.shape[0] * top_k * row_bytes) == "fused"
 
     def forward_fused(self, x_TD: torch.Tensor, perm: Permutation, topk_w_TK: torch.Tensor) -> torch.Tensor:
         """y_TD = sum over kept pairs of weight * expert output, without sorted (T*K, D) rows."""
