@@ -123,7 +123,7 @@ class GroupedExperts(nn.Module):
         """Whether a single-device dispatcher should call `forward_fused` instead of `forward`."""
         if self.impl != "auto":
             return self.impl == "fused"
-        row_bytes = x_TD.shape[1] * torch.empty((), dtype=compute_dtype(x_TD)).element_size()
+        row_bytes = x_TD.shape[1] * compute_dtype(x_TD).itemsize
         return auto_impl(x_TD.device, x_TD.shape[0] * top_k * row_bytes) == "fused"
 
     def forward_fused(self, x_TD: torch.Tensor, perm: Permutation, topk_w_TK: torch.Tensor) -> torch.Tensor:
