@@ -1,0 +1,52 @@
+"""The all-to-all dispatcher: tokens travel to the ranks holding their experts and back.
+
+Shape key: T tokens, K choices, D width, E experts, R = ep ranks, L = E / R local experts,
+N rows this rank sends, M rows it receives.
+
+1. sort the kept (token, choice) pairs by destination slot (rank, local expert);
+2. exchange the per-(rank, local expert) counts (NOTE: one host sync per layer call);
+3. all-to-all the rows; received rows come grouped by (source rank, local expert);
+4. re-sort them by local expert, run the local experts, undo the re-sort;
+5. all-to-all the outputs back (the transposed exchange), weight and sum per token.
+Dropless: splits are variable. Dropped pairs (capacity) never leave their rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epmoe.comm.collectives import all_to_all_v, exchange_counts
+from epmoe.model.dispatch import ExpertFn
+from epmoe.model.experts import compute_dtype
+from epmoe.model.permute import make_permutation, permute, unpermute
+from epmoe.model.router import Routing
+
+
+class AllToAllDispatcher:
+    def __init__(self, slot_of_expert_E: torch.Tensor, ep: int, group):
+        """slot_of_expert_E[e] = rank * L + local index of expert e (a placement map)."""
+        self.slot_of_expert_E = slot_of_expert_E
+        self.ep, self.group = ep, group
+        self.local_experts = len(slot_of_expert_E) // ep
+
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
+        R, L = self.ep, self.local_experts
+        slots_TK = self.slot_of_expert_E.to(routing.topk_idx_TK.device)[routing.topk_idx_TK]
+        perm = make_permutation(slots_TK, routing.keep_TK, R * L)
+        x_ND = permute(x_TD.to(compute_dtype(x_TD)), perm)
+
+        send_counts_RL = perm.counts_E.view(R, L)
+        recv_counts_RL = exchange_counts(send_counts_RL, self.group)
+        input_splits = send_counts_RL.sum(1).tolist()  # NOTE: host sync for the splits
+        output_splits = recv_counts_RL.sum(1).tolist()
+        x_MD = all_to_all_v(x_ND, output_splits, input_splits, self.group)
+
+        local_of_row_M = torch.arange(L).repeat(R).repeat_interleave(recv_counts_RL.flatten().cpu())
+        order_M = local_of_row_M.argsort(stable=True).to(x_MD.device)
+        inverse_M = torch.empty_like(order_M)
+        inverse_M[order_M] = torch.arange(len(order_M), device=order_M.device)
+        y_sorted_MD = expert_fn(x_MD.index_select(0, order_M), recv_counts_RL.sum(0))
+        y_MD = y_sorted_MD.index_select(0, inverse_M)
+
+        y_ND = all_to_all_v(y_MD, input_splits, output_splits, self.group)
+        return unpermute(y_ND, perm, routing.topk_w_TK)

@@ -1,0 +1,35 @@
+"""Apply expert parallelism to a single-device model from outside (the torchtitan way).
+
+For every MoE layer: keep only this rank's experts' weights (by the placement map) and
+install the all-to-all dispatcher. The model's code does not change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from epmoe.comm.dispatch import AllToAllDispatcher
+from epmoe.comm.parallel_dims import ParallelDims
+from epmoe.model.moe import MoE
+from epmoe.placement.policies import POLICIES, experts_on_rank
+
+
+def shard_experts(moe: MoE, local_ids_L: torch.Tensor) -> None:
+    """Replace the stacked expert weights by the rows of `local_ids_L` (in that order)."""
+    experts = moe.experts
+    for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+        full = getattr(experts, name)
+        if full is not None:
+            setattr(experts, name, nn.Parameter(full.detach()[local_ids_L].clone()))
+    experts.num_experts = len(local_ids_L)
+
+
+def apply_expert_parallel(model: nn.Module, dims: ParallelDims, rank: int, placement: str = "contiguous") -> None:
+    """Shard every MoE layer of `model` for `rank`; dims.build_groups must have run."""
+    slot_of_expert_E = POLICIES[placement](dims.num_experts, dims.ep)
+    local_ids_L = experts_on_rank(slot_of_expert_E, dims.ep, dims.ep_rank(rank))
+    for module in model.modules():
+        if isinstance(module, MoE):
+            shard_experts(module, local_ids_L)
+            module.dispatcher = AllToAllDispatcher(slot_of_expert_E, dims.ep, dims.ep_group)
