@@ -105,10 +105,10 @@ class LoggerConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel degrees. Only the single-process layout runs until expert parallelism lands."""
+    """Parallel degrees; the world size comes from the launcher (torchrun's WORLD_SIZE)."""
 
-    dp: int = 1
-    ep: int = 1
+    dp: int = 0  # data-parallel degree: 0 = the world size (every rank reads its own data)
+    ep: int = 1  # expert-parallel degree: ranks that together hold one copy of the experts
 
 
 @dataclass
@@ -220,12 +220,16 @@ def validate(cfg: Config) -> Config:
     _choice("logger.wandb_mode", lg.wandb_mode, ("offline", "online", "disabled"))
 
     p = cfg.parallel
-    if (p.dp, p.ep) != (1, 1) or cfg.launcher.name != "local" or cfg.comm.dispatcher != "local":
+    if p.dp < 0 or p.ep < 1:
+        raise ConfigError(f"parallel.dp ({p.dp}) must be >= 0 (0 = world size) and parallel.ep ({p.ep}) >= 1")
+    if m.num_experts % p.ep:
+        raise ConfigError(f"model.num_experts ({m.num_experts}) must be divisible by parallel.ep ({p.ep})")
+    if cfg.launcher.name != "local" or cfg.comm.dispatcher != "local":
         raise ConfigError(
-            f"parallel.dp={p.dp} parallel.ep={p.ep} launcher.name={cfg.launcher.name} "
-            f"comm.dispatcher={cfg.comm.dispatcher}: only the single-process layout "
-            "(dp=1 ep=1, launcher=local, dispatcher=local) is implemented in this version"
+            f"launcher.name={cfg.launcher.name} comm.dispatcher={cfg.comm.dispatcher}: only launcher=local "
+            "(or torchrun/deepspeed calling `-m epmoe.train` directly) and dispatcher=local are implemented; "
+            "with parallel.ep > 1 the all-to-all dispatcher is installed automatically"
         )
-    _choice("placement.policy", cfg.placement.policy, ("contiguous",))
+    _choice("placement.policy", cfg.placement.policy, ("contiguous", "round_robin"))
     _choice("comm.backend", cfg.comm.backend, ("torch",))
     return cfg

@@ -55,7 +55,8 @@ def test_overrides_reach_the_dataclasses() -> None:
         (["data.seq_len=512"], "data.seq_len (512) exceeds model.max_seq_len (256)"),
         (["data=text"], "data.path"),
         (["model.n_heads=3"], "model.d_model (256) / model.n_heads (3)"),
-        (["parallel.ep=2"], "only the single-process layout"),
+        (["parallel.ep=3"], "model.num_experts (8) must be divisible by parallel.ep (3)"),
+        (["launcher.name=mpirun"], "only launcher=local"),
         (["model=huge"], "Could not find 'model/huge' (options: dense_small, moe_small)"),
     ],
 )

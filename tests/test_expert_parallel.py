@@ -98,3 +98,56 @@ def test_parallel_dims_groups_by_hand() -> None:
     dims = ParallelDims(world=4, dp=4, ep=2, num_experts=8)
     assert dims.ep_ranks(3) == [2, 3] and dims.expert_dp_ranks(3) == [1, 3]
     assert experts_on_rank(round_robin(8, 2), 2, 1).tolist() == [1, 3, 5, 7]
+
+
+# --- training: EP runs give the losses of the single-process run with the same global batch ---
+
+EP_TRAIN = ["router.aux_loss=sequence", "router.aux_loss_coef=0.01", "router.bias_update_rate=0.01",
+            "train.steps=20", "train.batch_size=2", "train.eval_every=10", "train.sample_bytes=0",
+            "model.num_experts=8"]  # fmt: skip
+
+
+def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str, out: str) -> None:
+    import json
+    import os
+
+    from epmoe.comm.process import shutdown
+    from epmoe.train.cli import load_config
+    from epmoe.train.loop import train
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    result = train(load_config(overrides), Path(run_dir))
+    if rank == 0:
+        Path(out).write_text(json.dumps({"losses": result.losses, "val": result.val_loss}))
+    shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2)])
+def test_ep_training_matches_single_process_losses(world: int, ep: int, tmp_path: Path, text_corpus: Path) -> None:
+    import json
+
+    from epmoe.train.cli import load_config
+    from epmoe.train.loop import train
+
+    from .conftest import TINY
+
+    base = [*TINY, "data=text", f"data.path={text_corpus}", *EP_TRAIN]
+    single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
+    out = tmp_path / "ep.json"
+    overrides = [*base, f"parallel.ep={ep}"]
+    mp.spawn(_train_worker, args=(world, _free_port(), overrides, str(tmp_path / "ep"), str(out)), nprocs=world)
+    ep_result = json.loads(out.read_text())
+    assert len(ep_result["losses"]) == 20
+    for step, (a, b) in enumerate(zip(single.losses, ep_result["losses"]), 1):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: single {a} vs ep {b}"
+    assert ep_result["val"] == pytest.approx(single.val_loss, rel=1e-5)

@@ -146,10 +146,10 @@ def test_interrupt_saves_the_last_completed_step(tmp_path: Path, text_corpus: Pa
 
     real_step = loop.train_step
 
-    def interrupted_at_step_3(*args):
+    def interrupted_at_step_3(*args, **kwargs):
         if args[-1] == 3:  # the 4th step: steps 1-3 are done
             raise KeyboardInterrupt
-        return real_step(*args)
+        return real_step(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", interrupted_at_step_3)
     with pytest.raises(KeyboardInterrupt):

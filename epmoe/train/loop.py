@@ -25,9 +25,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from epmoe.config import Config, TrainConfig
+from epmoe.comm.parallel_dims import ParallelDims
+from epmoe.comm.process import RankInfo, all_reduce_sum_, init_from_env
+from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
 from epmoe.model.router import Routing
 from epmoe.model.transformer import Transformer
+from epmoe.parallel.expert_parallel import apply_expert_parallel
+from epmoe.parallel.gradients import clip_global_norm_, reduce_gradients
 from epmoe.train import checkpoint
 from epmoe.train.data import TokenSplits, load_splits, sample_batch
 from epmoe.train.loggers import Loggers
@@ -48,6 +52,42 @@ class TrainResult:
     def val_bpb(self) -> float | None:
         """Held-out bits per token (per byte for byte-level data)."""
         return None if self.val_loss is None else self.val_loss / LN2
+
+
+@dataclass
+class Parallel:
+    """This rank's place in the run; world 1 (no process group) is the single-process case."""
+
+    info: RankInfo
+    dims: ParallelDims
+
+    @classmethod
+    def single(cls, num_experts: int) -> Parallel:
+        return cls(RankInfo(0, 1), ParallelDims(world=1, dp=1, ep=1, num_experts=num_experts))
+
+    def my_slice(self, x_BS: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch of world x batch_size sequences."""
+        per_rank = x_BS.shape[0] // self.info.world
+        return x_BS[self.info.rank * per_rank : (self.info.rank + 1) * per_rank]
+
+    def mean(self, value: float) -> float:
+        """Mean of a per-rank scalar over all ranks (equal batch sizes)."""
+        return all_reduce_sum_(torch.tensor([value], dtype=torch.float64))[0].item() / self.info.world
+
+
+def setup_parallel(cfg: Config, model: Transformer, device: torch.device) -> Parallel:
+    """Join the launcher's process group (if any) and apply expert parallelism from outside."""
+    info = init_from_env(device)
+    if info.world == 1 and cfg.parallel.ep == 1:
+        return Parallel.single(cfg.model.num_experts)
+    dp = cfg.parallel.dp or info.world
+    dims = ParallelDims(world=info.world, dp=dp, ep=cfg.parallel.ep, num_experts=cfg.model.num_experts)
+    if info.world > 1 and (cfg.train.checkpoint_every or cfg.train.resume):
+        raise ConfigError("train.checkpoint_every / train.resume need sharded checkpoints, not yet built for world > 1")
+    dims.build_groups(info.rank)
+    if dims.ep_enabled:
+        apply_expert_parallel(model, dims, info.rank, cfg.placement.policy)
+    return Parallel(info, dims)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,16 +125,18 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, data: TokenSplits, cfg: Config, device: torch.device) -> float:
+def evaluate(model: Transformer, data: TokenSplits, cfg: Config, device: torch.device, par: Parallel) -> float:
     """Mean held-out cross-entropy (nats/token) over the same `eval_batches` batches every time."""
     model.eval()
     total = 0.0
+    global_batch = cfg.train.batch_size * par.info.world
     for i in range(cfg.train.eval_batches):
-        x_BS, y_BS = sample_batch(data.val, cfg.train.batch_size, cfg.data.seq_len, cfg.train.seed, VAL_STREAM + i, 0)
+        x_BS, y_BS = sample_batch(data.val, global_batch, cfg.data.seq_len, cfg.train.seed, VAL_STREAM + i, 0)
         with _autocast(device, cfg.train.precision):
-            total += lm_loss(model(x_BS.to(device)).logits_BSV, y_BS.to(device)).item()
+            logits_BSV = model(par.my_slice(x_BS).to(device)).logits_BSV
+            total += lm_loss(logits_BSV, par.my_slice(y_BS).to(device)).item()
     model.train()
-    return total / cfg.train.eval_batches
+    return par.mean(total / cfg.train.eval_batches)
 
 
 def routing_metrics(load_LE: torch.Tensor, dropped: int, aux: float, z: float) -> dict[str, Any]:
@@ -121,7 +163,8 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     torch.manual_seed(t_cfg.seed)
 
     data = load_splits(cfg.data, cfg.model.vocab_size)
-    model = Transformer(cfg.model, cfg.router).to(device)
+    model = Transformer(cfg.model, cfg.router).to(device)  # the same weights on every rank (seeded)
+    par = setup_parallel(cfg, model, device)
     optimizer = build_optimizer(model, t_cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t_cfg))
     start_step = 0
@@ -133,23 +176,27 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         torch.set_rng_state(state["rng"])
         start_step = state["step"]
 
+    main = par.info.is_main  # only rank 0 prints, plots and logs
     bar = tqdm(
         total=t_cfg.steps,
         initial=start_step,
-        disable=not cfg.logger.progress,
+        disable=not (cfg.logger.progress and main),
         file=sys.stderr,
         dynamic_ncols=True,
         desc="train",
         unit="step",
     )
-    loggers = Loggers(cfg.logger, run_dir, cfg, write=bar.write)
+    log_cfg = cfg.logger if main else LoggerConfig(console=False, progress=False, jsonl=False, plots=False)
+    loggers = Loggers(log_cfg, run_dir, cfg, write=bar.write)
     n_params = sum(p.numel() for p in model.parameters())
-    bar.write(
-        f"epmoe: {n_params / 1e6:.2f}M parameters, {len(model.moe_layers())} MoE layers, device {device}, "
-        f"data {data.description}; run dir {run_dir}"
+    say = print if main else (lambda *args, **kwargs: None)
+    say(
+        f"epmoe: {n_params / 1e6:.2f}M parameters on rank 0, {len(model.moe_layers())} MoE layers, device {device}, "
+        f"world {par.info.world} (ep {par.dims.ep}), data {data.description}; run dir {run_dir}",
+        file=sys.stderr,
     )
     result = TrainResult(run_dir)
-    tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum
+    tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum * par.info.world
 
     def save_checkpoint(step: int) -> Path:
         state = {
@@ -165,14 +212,14 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     try:
         for step in range(start_step, t_cfg.steps):
             t0 = time.perf_counter()
-            record = train_step(model, optimizer, data, cfg, device, step)
+            record = train_step(model, optimizer, data, cfg, device, step, par=par)
             scheduler.step()
             completed = step + 1
             record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
             result.losses.append(record["loss"])
             last = completed == t_cfg.steps
             if t_cfg.eval_every and (completed % t_cfg.eval_every == 0 or last):
-                result.val_loss = evaluate(model, data, cfg, device)
+                result.val_loss = evaluate(model, data, cfg, device, par)
                 record.update(val_loss=result.val_loss, val_bpb=result.val_loss / LN2)
             loggers.log(record, console=completed % t_cfg.log_every == 0 or "val_loss" in record or last)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
@@ -181,21 +228,25 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
                 save_checkpoint(completed)
         bar.close()
         if result.val_loss is None:  # eval_every=0 (or nothing left to run): validate once at the end
-            result.val_loss = evaluate(model, data, cfg, device)
-        result.checkpoint = save_checkpoint(t_cfg.steps)
+            result.val_loss = evaluate(model, data, cfg, device, par)
+        if par.info.world == 1:
+            result.checkpoint = save_checkpoint(t_cfg.steps)
+        else:
+            say("note: no checkpoint written: sharded checkpoints for world > 1 are not built yet")
         loggers.summary({"val_loss": result.val_loss, "val_bpb": result.val_bpb, "steps": t_cfg.steps})
-        print(f"done: held-out {result.val_bpb:.4f} bits/token (cross-entropy {result.val_loss:.4f} nats)")
+        say(f"done: held-out {result.val_bpb:.4f} bits/token (cross-entropy {result.val_loss:.4f} nats)")
         if t_cfg.sample_bytes and cfg.data.kind != "bin":
-            print("sample:\n" + sample_text(model, data, cfg, device))
-        if cfg.logger.plots:
-            print(f"plot: {plot_run(loggers.history, run_dir / 'training.png')}")
-        if cfg.logger.jsonl:
-            print(f"metrics: {run_dir / 'metrics.jsonl'}")
+            text = sample_text(model, data, cfg, device)  # every rank: the EP exchange needs them all
+            say("sample:\n" + text)
+        if log_cfg.plots:
+            say(f"plot: {plot_run(loggers.history, run_dir / 'training.png')}")
+        if log_cfg.jsonl:
+            say(f"metrics: {run_dir / 'metrics.jsonl'}")
         if loggers.wandb_dir is not None:
-            print(f"wandb ({cfg.logger.wandb_mode}): {loggers.wandb_dir}")
+            say(f"wandb ({cfg.logger.wandb_mode}): {loggers.wandb_dir}")
     except KeyboardInterrupt:
         bar.close()
-        if start_step < completed < t_cfg.steps:  # keep the work: resume with train.resume=<run dir>
+        if start_step < completed < t_cfg.steps and par.info.world == 1:  # resume with train.resume=<run dir>
             print(f"interrupted: saved {save_checkpoint(completed)}", file=sys.stderr)
         raise
     finally:
@@ -211,15 +262,20 @@ def train_step(
     cfg: Config,
     device: torch.device,
     step: int,
+    par: Parallel | None = None,
 ) -> dict[str, Any]:
-    """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
+    """One optimizer step over grad_accum micro-batches; returns the step's metrics (all ranks)."""
     t_cfg = cfg.train
+    par = par or Parallel.single(cfg.model.num_experts)
+    global_batch = t_cfg.batch_size * par.info.world
     moe_layers = model.moe_layers()
     load_LE = torch.zeros(len(moe_layers), cfg.model.num_experts, dtype=torch.long, device=device)
     ce_sum = aux_sum = z_sum = 0.0
     dropped = 0
     for micro in range(t_cfg.grad_accum):
-        x_BS, y_BS = sample_batch(data.train, t_cfg.batch_size, cfg.data.seq_len, t_cfg.seed, micro, step)
+        # the global batch depends only on (seed, micro, step): any world size sees the same data
+        x_BS, y_BS = sample_batch(data.train, global_batch, cfg.data.seq_len, t_cfg.seed, micro, step)
+        x_BS, y_BS = par.my_slice(x_BS), par.my_slice(y_BS)
         with _autocast(device, t_cfg.precision):
             out = model(x_BS.to(device))
         ce = lm_loss(out.logits_BSV, y_BS.to(device))
@@ -229,12 +285,16 @@ def train_step(
         for layer, routing in enumerate(out.routings):
             load_LE[layer] += routing.counts_E
             dropped += routing.dropped
+    ce_sum, aux_sum, z_sum = par.mean(ce_sum), par.mean(aux_sum), par.mean(z_sum)
     if not math.isfinite(ce_sum):
         raise FloatingPointError(f"non-finite training loss at step {step + 1}; lower train.lr or use precision=fp32")
 
-    params = [p for p in model.parameters() if p.grad is not None]
+    if par.info.world > 1:
+        reduce_gradients(model, par.dims)
+        all_reduce_sum_(load_LE)  # the routers' bias must see the global load
+        dropped = int(all_reduce_sum_(torch.tensor([dropped]))[0])
     max_norm = t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    grad_norm = clip_global_norm_(model, par.dims, max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     for layer, moe in enumerate(moe_layers):

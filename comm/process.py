@@ -1,0 +1,45 @@
+"""Process-group lifetime and the few whole-tensor collectives the trainer needs.
+
+Everything outside comm/ calls these instead of torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(device: torch.device) -> RankInfo:
+    """Join the process group a launcher described in the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, as torchrun sets them); a single process needs none."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return RankInfo(0, 1)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return RankInfo(dist.get_rank(), dist.get_world_size())
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place sum over `group` (the world when None); a no-op without a process group."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
