@@ -40,5 +40,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100", "setuptools>=70.1"],
     },
-    entry_points={"console_scripts": ["epmoe-train=epmoe.train.__main__:main"]},
+    entry_points={
+        "console_scripts": ["epmoe-train=epmoe.train.__main__:main", "epmoe-launch=epmoe.launch.__main__:main"]
+    },
 )

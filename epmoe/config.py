@@ -124,7 +124,19 @@ class CommConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = "local"  # one process, no launcher
+    """How `python -m epmoe.launch` starts the ranks (`python -m epmoe.train` ignores it)."""
+
+    name: str = "local"  # local (one process) | torchrun | slurm
+    nproc_per_node: int = 2
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None  # host:port of the rendezvous, needed when nnodes > 1
+    max_restarts: int = 0  # torchrun restarts the whole job this many times after a failure
+    # slurm: the sbatch script is written to the run directory and printed, or submitted
+    partition: str | None = None
+    time_limit: str = "01:00:00"
+    gpus_per_node: int = 0
+    submit: bool = False
 
 
 @dataclass
@@ -224,12 +236,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"parallel.dp ({p.dp}) must be >= 0 (0 = world size) and parallel.ep ({p.ep}) >= 1")
     if m.num_experts % p.ep:
         raise ConfigError(f"model.num_experts ({m.num_experts}) must be divisible by parallel.ep ({p.ep})")
-    if cfg.launcher.name != "local" or cfg.comm.dispatcher != "local":
+    lc = cfg.launcher
+    _choice("launcher.name", lc.name, ("local", "torchrun", "slurm"))
+    for name in ("nproc_per_node", "nnodes"):
+        _positive(f"launcher.{name}", getattr(lc, name))
+    if not 0 <= lc.node_rank < lc.nnodes or lc.max_restarts < 0:
         raise ConfigError(
-            f"launcher.name={cfg.launcher.name} comm.dispatcher={cfg.comm.dispatcher}: only launcher=local "
-            "(or torchrun/deepspeed calling `-m epmoe.train` directly) and dispatcher=local are implemented; "
-            "with parallel.ep > 1 the all-to-all dispatcher is installed automatically"
+            f"launcher.node_rank ({lc.node_rank}) must be in [0, nnodes={lc.nnodes}) and max_restarts >= 0"
         )
+    if lc.name == "torchrun" and lc.nnodes > 1 and not lc.rdzv_endpoint:
+        raise ConfigError(f"launcher.nnodes={lc.nnodes} needs launcher.rdzv_endpoint=HOST:PORT (the rendezvous)")
+    _choice("comm.dispatcher", cfg.comm.dispatcher, ("local",))
     _choice("placement.policy", cfg.placement.policy, ("contiguous", "round_robin"))
     _choice("comm.backend", cfg.comm.backend, ("torch",))
     return cfg

@@ -1,0 +1,73 @@
+"""`python -m epmoe.launch <hydra overrides>` (console script `epmoe-launch`): start the ranks.
+
+1. compose and validate the config once, here: bad values and impossible degrees (checked
+   against the world this launch will make) fail with one line and exit code 2, before any
+   rank starts;
+2. fix one run directory for every rank (`hydra.run.dir`, or outputs/<date>/<time>);
+3. start the ranks: `launcher=torchrun` runs torchrun and passes its exit code on;
+   `launcher=slurm` writes <run dir>/launch.sbatch and prints it (or submits it with
+   launcher.submit=true); `launcher=local` runs one process in place.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from epmoe.comm.parallel_dims import ParallelConfigError, ParallelDims
+from epmoe.config import ConfigError
+from epmoe.launch.commands import sbatch_script, torchrun_command
+from epmoe.train.cli import load_config
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _run_dir(overrides: list[str]) -> tuple[Path, list[str]]:
+    """The run directory named by hydra.run.dir=, else a new timestamped one; overrides without it."""
+    rest = [o for o in overrides if not o.startswith("hydra.run.dir=")]
+    named = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    if named:
+        return Path(named[-1]).resolve(), rest
+    return Path("outputs", datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve(), rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(overrides)
+        lc = cfg.launcher
+        world = lc.nproc_per_node * lc.nnodes if lc.name != "local" else 1
+        ParallelDims(world=world, dp=cfg.parallel.dp or world, ep=cfg.parallel.ep, num_experts=cfg.model.num_experts)
+    except (ConfigError, ParallelConfigError) as e:
+        _fail(str(e))
+    run_dir, rank_overrides = _run_dir(overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    if lc.name == "slurm":
+        script = run_dir / "launch.sbatch"
+        script.write_text(sbatch_script(lc, rank_overrides, run_dir))
+        print(f"wrote {script}")
+        if not lc.submit:
+            print(script.read_text(), end="")
+            return
+        if shutil.which("sbatch") is None:
+            _fail("launcher.submit=true but sbatch is not on PATH; submit the script on the cluster")
+        sys.exit(subprocess.call(["sbatch", str(script)]))
+    if lc.name == "local":
+        cmd = [sys.executable, "-m", "epmoe.train", *rank_overrides, f"hydra.run.dir={run_dir}"]
+    else:
+        cmd = torchrun_command(lc, rank_overrides, run_dir)
+    print(f"epmoe.launch: {world} rank(s), run dir {run_dir}", file=sys.stderr)
+    sys.exit(subprocess.call(cmd))
+
+
+if __name__ == "__main__":
+    main()

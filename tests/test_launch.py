@@ -1,0 +1,62 @@
+"""`python -m epmoe.launch`: validation before any rank starts, torchrun runs, slurm scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from epmoe.config import LauncherConfig
+from epmoe.launch.commands import sbatch_script, torchrun_command
+
+from .conftest import REPO, TINY
+
+
+def _launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    return subprocess.run([sys.executable, "-m", "epmoe.launch", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def test_torchrun_launcher_trains_two_ranks_with_ep2_in_one_run_dir(tmp_path: Path, text_corpus: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _launch("launcher=torchrun", "launcher.nproc_per_node=2", "parallel.ep=2", *TINY, "data=text",
+                   f"data.path={text_corpus}", f"hydra.run.dir={run_dir}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11))  # rank 0 alone logs: one record per step
+    assert sum(records[0]["expert_load"][0]) == 2 * 4 * 32 * 2  # 2 ranks x batch 4 x seq 32 x top-2
+    assert "epmoe.launch: 2 rank(s)" in proc.stderr
+
+
+def test_impossible_degrees_fail_before_any_rank_starts(tmp_path: Path) -> None:
+    proc = _launch("launcher=torchrun", "launcher.nproc_per_node=2", "parallel.ep=4", f"hydra.run.dir={tmp_path}/r",
+                   timeout=60)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: ep (4) must divide world size (2)"
+    assert not (tmp_path / "r").exists()  # nothing was started, not even the run directory
+
+
+def test_slurm_launcher_writes_the_sbatch_script(tmp_path: Path) -> None:
+    proc = _launch("launcher=slurm", "launcher.partition=gpu", "parallel.ep=8", "model.num_experts=16",
+                   f"hydra.run.dir={tmp_path}", timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    script = (tmp_path / "launch.sbatch").read_text()
+    assert "#SBATCH --nodes=2\n" in script and "#SBATCH --gpus-per-node=8\n" in script
+    assert "#SBATCH --partition=gpu\n" in script
+    assert "--nproc-per-node=8 --rdzv-id=$SLURM_JOB_ID --rdzv-backend=c10d --rdzv-endpoint=$head_node:29500" in script
+    assert script.rstrip().endswith(f"-m epmoe.train launcher=slurm launcher.partition=gpu parallel.ep=8 "
+                                    f"model.num_experts=16 hydra.run.dir={tmp_path}")  # fmt: skip
+
+
+def test_torchrun_command_multi_node() -> None:
+    lc = LauncherConfig(name="torchrun", nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29400",
+                        max_restarts=3)  # fmt: skip
+    cmd = torchrun_command(lc, ["parallel.ep=8"], Path("/runs/a"), python="py")
+    assert cmd == ["py", "-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=2", "--node-rank=1",
+                   "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--max-restarts=3", "-m", "epmoe.train",
+                   "parallel.ep=8", "hydra.run.dir=/runs/a"]  # fmt: skip
+    assert "--standalone" in torchrun_command(LauncherConfig(name="torchrun"), [], Path("/r"))
+    assert "--gpus-per-node" not in sbatch_script(LauncherConfig(name="slurm", gpus_per_node=0), [], Path("/r"))
