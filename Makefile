@@ -21,8 +21,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-train: install  ## the main job: a small MoE training run on the built-in corpus (ARGS=overrides)
-	$(PY) -m epmoe.train logger=wandb $(ARGS)
+train: install  ## the main job: 2-rank expert-parallel training on the built-in corpus (ARGS=overrides)
+	$(PY) -m epmoe.launch experiment=ep2_cpu $(ARGS)
 
 test: install  ## the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q tests $(ARGS)

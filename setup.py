@@ -38,7 +38,10 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100", "setuptools>=70.1"],
+        # MPI without a system MPI: the mpich wheel brings libmpi and mpiexec into the venv
+        "mpi": ["mpi4py>=4", "mpich"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100", "setuptools>=70.1",
+                "mpi4py>=4", "mpich"],
     },
     entry_points={
         "console_scripts": ["epmoe-train=epmoe.train.__main__:main", "epmoe-launch=epmoe.launch.__main__:main"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from epmoe.comm.collectives import all_to_all_v, exchange_counts
+from epmoe.comm.communicator import Communicator
 from epmoe.model.dispatch import ExpertFn
 from epmoe.model.experts import compute_dtype
 from epmoe.model.permute import make_permutation, permute, unpermute
@@ -23,11 +24,12 @@ from epmoe.model.router import Routing
 
 
 class AllToAllDispatcher:
-    def __init__(self, slot_of_expert_E: torch.Tensor, ep: int, group):
-        """slot_of_expert_E[e] = rank * L + local index of expert e (a placement map)."""
+    def __init__(self, slot_of_expert_E: torch.Tensor, comm: Communicator):
+        """slot_of_expert_E[e] = rank * L + local index of expert e (a placement map);
+        comm spans the EP group (its size is ep)."""
         self.slot_of_expert_E = slot_of_expert_E
-        self.ep, self.group = ep, group
-        self.local_experts = len(slot_of_expert_E) // ep
+        self.ep, self.comm = comm.size, comm
+        self.local_experts = len(slot_of_expert_E) // self.ep
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
         R, L = self.ep, self.local_experts
@@ -36,10 +38,10 @@ class AllToAllDispatcher:
         x_ND = permute(x_TD.to(compute_dtype(x_TD)), perm)
 
         send_counts_RL = perm.counts_E.view(R, L)
-        recv_counts_RL = exchange_counts(send_counts_RL, self.group)
+        recv_counts_RL = exchange_counts(send_counts_RL, self.comm)
         input_splits = send_counts_RL.sum(1).tolist()  # NOTE: host sync for the splits
         output_splits = recv_counts_RL.sum(1).tolist()
-        x_MD = all_to_all_v(x_ND, output_splits, input_splits, self.group)
+        x_MD = all_to_all_v(x_ND, output_splits, input_splits, self.comm)
 
         local_of_row_M = torch.arange(L).repeat(R).repeat_interleave(recv_counts_RL.flatten().cpu())
         order_M = local_of_row_M.argsort(stable=True).to(x_MD.device)
@@ -48,5 +50,5 @@ class AllToAllDispatcher:
         y_sorted_MD = expert_fn(x_MD.index_select(0, order_M), recv_counts_RL.sum(0))
         y_MD = y_sorted_MD.index_select(0, inverse_M)
 
-        y_ND = all_to_all_v(y_MD, input_splits, output_splits, self.group)
+        y_ND = all_to_all_v(y_MD, input_splits, output_splits, self.comm)
         return unpermute(y_ND, perm, routing.topk_w_TK)

@@ -39,7 +39,15 @@ def shutdown() -> None:
 
 
 def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """In-place sum over `group` (the world when None); a no-op without a process group."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    """In-place sum over `group` (the world when None); a no-op without a process group.
+
+    NOTE: NCCL reduces GPU tensors only: a CPU tensor (a scalar metric) makes a round trip.
+    """
+    if not dist.is_initialized():
+        return tensor
+    if tensor.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        on_gpu = tensor.cuda()
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM, group=group)
+        return tensor.copy_(on_gpu)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor

@@ -67,3 +67,10 @@ def test_bad_config_is_a_one_line_error_naming_the_value(overrides: list[str], e
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_make_train_experiment_is_two_ranks_with_ep2_and_the_same_global_batch() -> None:
+    cfg = load_config(["experiment=ep2_cpu"])
+    assert (cfg.launcher.name, cfg.launcher.nproc_per_node, cfg.parallel.ep) == ("torchrun", 2, 2)
+    assert cfg.train.batch_size * cfg.launcher.nproc_per_node == load_config().train.batch_size
+    assert cfg.logger.wandb and cfg.logger.wandb_mode == "offline"

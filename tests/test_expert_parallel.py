@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,8 @@ from epmoe.config import ModelConfig, RouterConfig
 from epmoe.model.moe import MoE
 from epmoe.parallel.expert_parallel import apply_expert_parallel
 from epmoe.placement.policies import experts_on_rank, round_robin
+
+from .conftest import REPO
 
 D = 16
 TOKENS_PER_RANK = [6, 0, 9, 3]  # uneven, and rank 1 sends nothing (with 4 ranks)
@@ -38,13 +42,20 @@ def _layer_worker(rank: int, world: int, ep: int, store: str) -> None:
     torch.set_num_threads(1)
     dims = ParallelDims(world=world, dp=world, ep=ep, num_experts=16)
     dims.build_groups(rank)
+    check_layer_cases(rank, world, dims)
+    dist.destroy_process_group()
+
+
+def check_layer_cases(rank: int, world: int, dims: ParallelDims, comm=None) -> None:
+    """Every CASE on this rank; comm: the EP communicator (default: torch.distributed's EP group)."""
+    ep = dims.ep
     for top_k, shared, capacity, placement in CASES:
         cfg = ModelConfig(d_model=D, num_experts=16, expert_hidden=8, n_shared_experts=shared, shared_hidden=8,
                           expert_impl="loop")  # fmt: skip
         torch.manual_seed(0)
         reference = MoE(cfg, RouterConfig(top_k=top_k, capacity_factor=capacity, aux_loss="none"))
         sharded = copy.deepcopy(reference)
-        apply_expert_parallel(sharded, dims, rank, placement)
+        apply_expert_parallel(sharded, dims, rank, placement, comm)
 
         gen = torch.Generator().manual_seed(1)
         xs = [torch.randn(1, TOKENS_PER_RANK[r % 4], D, generator=gen) for r in range(world)]
@@ -74,7 +85,6 @@ def _layer_worker(rank: int, world: int, ep: int, store: str) -> None:
         for name, grad in _expert_grads(sharded).items():
             expected = _expert_grads(reference)[name][local_ids]
             torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5, msg=f"{case} {name}")
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -151,3 +161,14 @@ def test_ep_training_matches_single_process_losses(world: int, ep: int, tmp_path
     for step, (a, b) in enumerate(zip(single.losses, ep_result["losses"]), 1):
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: single {a} vs ep {b}"
     assert ep_result["val"] == pytest.approx(single.val_loss, rel=1e-5)
+
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="mpiexec (the mpich wheel) is not installed in this environment")
+def test_ep_layer_with_the_mpi_communicator_under_mpiexec() -> None:
+    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-m", "tests.mpi_ep_layer"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("mpi ep layer: all cases match") == 2

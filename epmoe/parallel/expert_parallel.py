@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from epmoe.comm.communicator import Communicator, TorchCommunicator
 from epmoe.comm.dispatch import AllToAllDispatcher
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.model.moe import MoE
@@ -25,11 +26,15 @@ def shard_experts(moe: MoE, local_ids_L: torch.Tensor) -> None:
     experts.num_experts = len(local_ids_L)
 
 
-def apply_expert_parallel(model: nn.Module, dims: ParallelDims, rank: int, placement: str = "contiguous") -> None:
-    """Shard every MoE layer of `model` for `rank`; dims.build_groups must have run."""
+def apply_expert_parallel(
+    model: nn.Module, dims: ParallelDims, rank: int, placement: str = "contiguous", comm: Communicator | None = None
+) -> None:
+    """Shard every MoE layer of `model` for `rank`. comm spans the EP group; by default the
+    torch.distributed EP group (dims.build_groups must have run)."""
+    comm = comm or TorchCommunicator(dims.ep_group)
     slot_of_expert_E = POLICIES[placement](dims.num_experts, dims.ep)
     local_ids_L = experts_on_rank(slot_of_expert_E, dims.ep, dims.ep_rank(rank))
     for module in model.modules():
         if isinstance(module, MoE):
             shard_experts(module, local_ids_L)
-            module.dispatcher = AllToAllDispatcher(slot_of_expert_E, dims.ep, dims.ep_group)
+            module.dispatcher = AllToAllDispatcher(slot_of_expert_E, comm)

@@ -18,13 +18,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from epmoe.comm.parallel_dims import ParallelConfigError
 from epmoe.config import ConfigError, register_configs
 from epmoe.train.checkpoint import CheckpointError
 from epmoe.train.cli import CONFIG_NAME, load_config, to_config
 from epmoe.train.data import DataError
 from epmoe.train.loop import train
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, ParallelConfigError, DataError, CheckpointError)
 EXIT_USAGE = 2
 
 

@@ -1,0 +1,108 @@
+"""One interface for the exchanges expert parallelism needs, two implementations.
+
+- `TorchCommunicator`: a torch.distributed process group (nccl on GPU, gloo on CPU);
+- `MPICommunicator`: an mpi4py communicator (`Ialltoallv` on CPU tensors), for clusters
+  whose fast path is MPI (installed with the `mpich` wheel, so no system MPI is needed).
+Calls are raw (no autograd); `collectives.py` wraps them in autograd Functions. Each
+returns a handle whose `wait()` gives the result, so callers can overlap work with it.
+
+Shape key: N rows sent, M rows received, D row width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class Handle(Protocol):
+    def wait(self) -> torch.Tensor: ...
+
+
+class _Done:
+    """A handle for an exchange that already finished."""
+
+    def __init__(self, result: torch.Tensor):
+        self.result = result
+
+    def wait(self) -> torch.Tensor:
+        return self.result
+
+
+class Communicator(Protocol):
+    size: int
+
+    def all_to_all_v(self, x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> Handle: ...
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> Handle: ...
+
+
+class TorchCommunicator:
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+        self.size = dist.get_world_size(group)
+
+    def all_to_all_v(self, x_ND, output_splits, input_splits) -> Handle:
+        y_MD = x_ND.new_empty(sum(output_splits), *x_ND.shape[1:])
+        work = dist.all_to_all_single(y_MD, x_ND.contiguous(), output_splits, input_splits, group=self.group,
+                                      async_op=True)  # fmt: skip
+        return _TorchHandle(work, y_MD)
+
+    def all_reduce_sum_(self, tensor) -> Handle:
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        return _TorchHandle(work, tensor)
+
+
+class _TorchHandle:
+    def __init__(self, work, result: torch.Tensor):
+        self.work, self.result = work, result
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.result
+
+
+class MPICommunicator:
+    """mpi4py on CPU tensors (the buffers are shared with numpy, no copies)."""
+
+    def __init__(self, mpi_comm):
+        self.comm = mpi_comm
+        self.size = mpi_comm.Get_size()
+
+    def all_to_all_v(self, x_ND, output_splits, input_splits) -> Handle:
+        from mpi4py import MPI
+
+        x_ND = x_ND.contiguous()
+        if x_ND.device.type != "cpu":
+            raise RuntimeError("comm.backend=mpi exchanges CPU tensors; use comm.backend=torch (nccl) on GPU")
+        row = math.prod(x_ND.shape[1:])  # elements per row (works for 0 rows too)
+        y_MD = x_ND.new_empty(sum(output_splits), *x_ND.shape[1:])
+        kind = MPI._typedict[x_ND.numpy().dtype.char]  # noqa: SLF001  (mpi4py's dtype table)
+
+        def layout(splits: list[int]) -> tuple[list[int], list[int]]:
+            counts = [n * row for n in splits]
+            displs = [sum(counts[:i]) for i in range(len(counts))]
+            return counts, displs
+
+        request = self.comm.Ialltoallv(
+            [x_ND.numpy(), layout(input_splits), kind], [y_MD.numpy(), layout(output_splits), kind]
+        )
+        return _MPIHandle(request, y_MD)
+
+    def all_reduce_sum_(self, tensor) -> Handle:
+        from mpi4py import MPI
+
+        self.comm.Allreduce(MPI.IN_PLACE, tensor.numpy(), op=MPI.SUM)
+        return _Done(tensor)
+
+
+class _MPIHandle:
+    def __init__(self, request, result: torch.Tensor):
+        self.request, self.result = request, result
+
+    def wait(self) -> torch.Tensor:
+        self.request.Wait()
+        return self.result
