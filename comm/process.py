@@ -22,9 +22,27 @@ class RankInfo:
         return self.rank == 0
 
 
+# rank / world variables of MPI launchers, mapped onto torch.distributed's RANK / WORLD_SIZE
+_MPI_ENV = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
+
+
+def _map_mpi_env() -> None:
+    """Under mpiexec (MPICH's PMI or Open MPI), fill RANK, WORLD_SIZE and LOCAL_RANK from it."""
+    if "RANK" in os.environ:
+        return
+    for rank_var, size_var in _MPI_ENV:
+        if rank_var in os.environ:
+            os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ[rank_var], os.environ[size_var]
+            local = os.environ.get("MPI_LOCALRANKID") or os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+            os.environ.setdefault("LOCAL_RANK", local)
+            return
+
+
 def init_from_env(device: torch.device) -> RankInfo:
     """Join the process group a launcher described in the environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT, as torchrun sets them); a single process needs none."""
+    MASTER_ADDR, MASTER_PORT as torchrun sets them, or an MPI launcher's variables plus
+    MASTER_ADDR/MASTER_PORT); a single process needs none."""
+    _map_mpi_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return RankInfo(0, 1)

@@ -126,7 +126,7 @@ class CommConfig:
 class LauncherConfig:
     """How `python -m epmoe.launch` starts the ranks (`python -m epmoe.train` ignores it)."""
 
-    name: str = "local"  # local (one process) | torchrun | slurm
+    name: str = "local"  # local (one process) | torchrun | mpirun | slurm
     nproc_per_node: int = 2
     nnodes: int = 1
     node_rank: int = 0
@@ -237,7 +237,7 @@ def validate(cfg: Config) -> Config:
     if m.num_experts % p.ep:
         raise ConfigError(f"model.num_experts ({m.num_experts}) must be divisible by parallel.ep ({p.ep})")
     lc = cfg.launcher
-    _choice("launcher.name", lc.name, ("local", "torchrun", "slurm"))
+    _choice("launcher.name", lc.name, ("local", "torchrun", "mpirun", "slurm"))
     for name in ("nproc_per_node", "nnodes"):
         _positive(f"launcher.{name}", getattr(lc, name))
     if not 0 <= lc.node_rank < lc.nnodes or lc.max_restarts < 0:

@@ -23,6 +23,15 @@ def torchrun_command(
     return cmd
 
 
+def mpirun_command(lc: LauncherConfig, overrides: list[str], run_dir: Path, master_port: int,
+                   python: str = sys.executable) -> list[str]:  # fmt: skip
+    """The venv's `mpiexec` (the mpich wheel) running nproc_per_node ranks on this node; the
+    ranks map MPI's rank variables onto torch.distributed's and meet at MASTER_ADDR:PORT."""
+    mpiexec = str(Path(python).parent / "mpiexec")
+    return [mpiexec, "-n", str(lc.nproc_per_node), "-genv", "MASTER_ADDR", "127.0.0.1", "-genv", "MASTER_PORT",
+            str(master_port), python, "-m", "epmoe.train", *overrides, f"hydra.run.dir={run_dir}"]  # fmt: skip
+
+
 def sbatch_script(lc: LauncherConfig, overrides: list[str], run_dir: Path, python: str = sys.executable) -> str:
     """An sbatch script: one srun task per node, each a torchrun agent for nproc_per_node ranks."""
     lines = [

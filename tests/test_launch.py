@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from epmoe.config import LauncherConfig
 from epmoe.launch.commands import sbatch_script, torchrun_command
 
@@ -60,3 +62,16 @@ def test_torchrun_command_multi_node() -> None:
                    "parallel.ep=8", "hydra.run.dir=/runs/a"]  # fmt: skip
     assert "--standalone" in torchrun_command(LauncherConfig(name="torchrun"), [], Path("/r"))
     assert "--gpus-per-node" not in sbatch_script(LauncherConfig(name="slurm", gpus_per_node=0), [], Path("/r"))
+
+
+@pytest.mark.skipif(
+    not (Path(sys.executable).parent / "mpiexec").exists(), reason="mpiexec (the mpich wheel) is not installed"
+)
+def test_mpirun_launcher_trains_two_ranks_with_ep2(tmp_path: Path, text_corpus: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _launch("launcher=mpirun", "parallel.ep=2", *TINY, "data=text", f"data.path={text_corpus}",
+                   f"hydra.run.dir={run_dir}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert sum(records[0]["expert_load"][0]) == 2 * 4 * 32 * 2  # both ranks' tokens were routed
