@@ -22,13 +22,15 @@ class Handle(Protocol):
     def wait(self) -> torch.Tensor: ...
 
 
-class _Done:
-    """A handle for an exchange that already finished."""
+class _Pending:
+    """A handle: `wait()` finishes the exchange (if `finish` is given) and returns its result."""
 
-    def __init__(self, result: torch.Tensor):
-        self.result = result
+    def __init__(self, result: torch.Tensor, finish=None):
+        self.result, self.finish = result, finish
 
     def wait(self) -> torch.Tensor:
+        if self.finish is not None:
+            self.finish()
         return self.result
 
 
@@ -49,20 +51,11 @@ class TorchCommunicator:
         y_MD = x_ND.new_empty(sum(output_splits), *x_ND.shape[1:])
         work = dist.all_to_all_single(y_MD, x_ND.contiguous(), output_splits, input_splits, group=self.group,
                                       async_op=True)  # fmt: skip
-        return _TorchHandle(work, y_MD)
+        return _Pending(y_MD, work.wait)
 
     def all_reduce_sum_(self, tensor) -> Handle:
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-        return _TorchHandle(work, tensor)
-
-
-class _TorchHandle:
-    def __init__(self, work, result: torch.Tensor):
-        self.work, self.result = work, result
-
-    def wait(self) -> torch.Tensor:
-        self.work.wait()
-        return self.result
+        return _Pending(tensor, work.wait)
 
 
 class MPICommunicator:
@@ -90,19 +83,10 @@ class MPICommunicator:
         request = self.comm.Ialltoallv(
             [x_ND.numpy(), layout(input_splits), kind], [y_MD.numpy(), layout(output_splits), kind]
         )
-        return _MPIHandle(request, y_MD)
+        return _Pending(y_MD, request.Wait)
 
     def all_reduce_sum_(self, tensor) -> Handle:
         from mpi4py import MPI
 
         self.comm.Allreduce(MPI.IN_PLACE, tensor.numpy(), op=MPI.SUM)
-        return _Done(tensor)
-
-
-class _MPIHandle:
-    def __init__(self, request, result: torch.Tensor):
-        self.request, self.result = request, result
-
-    def wait(self) -> torch.Tensor:
-        self.request.Wait()
-        return self.result
+        return _Pending(tensor)  # Allreduce is blocking: already done

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import datetime
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from epmoe.comm.parallel_dims import ParallelConfigError, ParallelDims
 from epmoe.config import ConfigError
-from epmoe.launch.commands import mpirun_command, sbatch_script, torchrun_command
+from epmoe.launch.commands import free_port, mpirun_command, sbatch_script, torchrun_command
 from epmoe.train.cli import load_config
 
 EXIT_USAGE = 2
@@ -39,12 +38,6 @@ def _run_dir(overrides: list[str]) -> tuple[Path, list[str]]:
     if named:
         return Path(named[-1]).resolve(), rest
     return Path("outputs", datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve(), rest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     elif lc.name == "mpirun":
         if lc.nnodes > 1:
             _fail("launcher=mpirun starts ranks on this node only; use launcher=torchrun or slurm for nnodes > 1")
-        cmd = mpirun_command(lc, rank_overrides, run_dir, _free_port())
+        cmd = mpirun_command(lc, rank_overrides, run_dir, free_port())
     else:
         cmd = torchrun_command(lc, rank_overrides, run_dir)
     print(f"epmoe.launch: {world} rank(s), run dir {run_dir}", file=sys.stderr)

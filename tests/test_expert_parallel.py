@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from epmoe.comm.parallel_dims import ParallelConfigError, ParallelDims
 from epmoe.config import ModelConfig, RouterConfig
+from epmoe.launch.commands import free_port
 from epmoe.model.moe import MoE
 from epmoe.parallel.expert_parallel import apply_expert_parallel
 from epmoe.placement.policies import experts_on_rank, round_robin
@@ -134,14 +135,6 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_di
     shutdown()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2)])
 def test_ep_training_matches_single_process_losses(world: int, ep: int, tmp_path: Path, text_corpus: Path) -> None:
     import json
@@ -155,7 +148,7 @@ def test_ep_training_matches_single_process_losses(world: int, ep: int, tmp_path
     single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
     out = tmp_path / "ep.json"
     overrides = [*base, f"parallel.ep={ep}"]
-    mp.spawn(_train_worker, args=(world, _free_port(), overrides, str(tmp_path / "ep"), str(out)), nprocs=world)
+    mp.spawn(_train_worker, args=(world, free_port(), overrides, str(tmp_path / "ep"), str(out)), nprocs=world)
     ep_result = json.loads(out.read_text())
     assert len(ep_result["losses"]) == 20
     for step, (a, b) in enumerate(zip(single.losses, ep_result["losses"]), 1):
