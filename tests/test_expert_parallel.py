@@ -113,7 +113,7 @@ def test_parallel_dims_groups_by_hand() -> None:
 
 # --- training: EP runs give the losses of the single-process run with the same global batch ---
 
-EP_TRAIN = ["router.aux_loss=sequence", "router.aux_loss_coef=0.01", "router.bias_update_rate=0.01",
+EP_TRAIN = ["router.aux_loss_coef=0.01", "router.bias_update_rate=0.01",
             "train.steps=20", "train.batch_size=2", "train.eval_every=10", "train.sample_bytes=0",
             "model.num_experts=8"]  # fmt: skip
 
@@ -135,8 +135,10 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_di
     shutdown()
 
 
-@pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2)])
-def test_ep_training_matches_single_process_losses(world: int, ep: int, tmp_path: Path, text_corpus: Path) -> None:
+@pytest.mark.parametrize(("world", "ep", "aux"), [(2, 2, "batch"), (2, 2, "sequence"), (4, 2, "batch")])
+def test_ep_training_matches_single_process_losses(
+    world: int, ep: int, aux: str, tmp_path: Path, text_corpus: Path
+) -> None:
     import json
 
     from epmoe.train.cli import load_config
@@ -144,7 +146,7 @@ def test_ep_training_matches_single_process_losses(world: int, ep: int, tmp_path
 
     from .conftest import TINY
 
-    base = [*TINY, "data=text", f"data.path={text_corpus}", *EP_TRAIN]
+    base = [*TINY, "data=text", f"data.path={text_corpus}", *EP_TRAIN, f"router.aux_loss={aux}"]
     single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
     out = tmp_path / "ep.json"
     overrides = [*base, f"parallel.ep={ep}"]

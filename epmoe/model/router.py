@@ -12,6 +12,7 @@ dropped (token, choice) pairs and the token's residual carries it through.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,20 +55,34 @@ def group_limited_mask(scores_TE: torch.Tensor, n_groups: int, topk_groups: int)
     return group_mask_TG.repeat_interleave(per_group, dim=1)  # (T, G) -> (T, E)
 
 
+# mean of a per-rank statistic over the data-parallel ranks (no autograd); installed from
+# outside (epmoe.parallel) so that batch-level statistics cover the global batch
+RankMean = Callable[[torch.Tensor], torch.Tensor]
+
+
 def load_balance_loss(
-    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int, seq_len: int | None
+    probs_TE: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    num_experts: int,
+    seq_len: int | None,
+    rank_mean: RankMean | None = None,
 ) -> torch.Tensor:
     """Switch/GShard balance loss E * sum_e f_e * P_e (1.0 when perfectly balanced).
 
     f_e: fraction of the T*K choices that went to e; P_e: mean routing probability of e.
     With `seq_len`, both are taken per sequence and the loss is averaged over sequences
-    (DeepSeek-V3's sequence-wise variant); otherwise over the whole batch.
+    (DeepSeek-V3's sequence-wise variant); otherwise over the whole batch. Under data
+    parallelism `rank_mean` makes f_e that of the global batch: each rank then holds
+    E * sum_e f_e * P_e(own tokens), whose mean over ranks (and whose mean gradient) is the
+    global batch's loss, exactly as one process would compute it (equal per-rank batches).
     """
     T, K = topk_idx_TK.shape
     S = seq_len or T
     B = T // S
     one_hot_BSKE = F.one_hot(topk_idx_TK.view(B, S, K), num_experts).to(probs_TE.dtype)
     f_BE = one_hot_BSKE.sum(dim=(1, 2)) / (S * K)
+    if rank_mean is not None and seq_len is None:
+        f_BE = rank_mean(f_BE)
     P_BE = probs_TE.view(B, S, num_experts).mean(dim=1)
     return num_experts * (f_BE * P_BE).sum(-1).mean()
 
@@ -111,6 +126,7 @@ class Router(nn.Module):
         # Selection-only bias for aux-loss-free balancing: a buffer, saved in checkpoints,
         # moved by `update_bias`, never trained by gradients.
         self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32))
+        self.rank_mean: RankMean | None = None  # set by epmoe.parallel when world > 1
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> Routing:
         cfg, E = self.cfg, self.num_experts
@@ -139,7 +155,7 @@ class Router(nn.Module):
             # sigmoid scores are normalised per token to act as probabilities (DeepSeek-V3)
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
             per_seq = seq_len if cfg.aux_loss == "sequence" else None
-            aux_loss = cfg.aux_loss_coef * load_balance_loss(probs_TE, topk_idx_TK, E, per_seq)
+            aux_loss = cfg.aux_loss_coef * load_balance_loss(probs_TE, topk_idx_TK, E, per_seq, self.rank_mean)
         z_loss = zero
         if cfg.z_loss_coef > 0 and self.training:
             z_loss = cfg.z_loss_coef * torch.logsumexp(logits_TE, dim=-1).square().mean()

@@ -30,6 +30,7 @@ from epmoe.comm.process import RankInfo, all_reduce_sum_, init_from_env
 from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
 from epmoe.model.router import Routing
 from epmoe.model.transformer import Transformer
+from epmoe.parallel.data_parallel import apply_data_parallel
 from epmoe.parallel.expert_parallel import apply_expert_parallel
 from epmoe.parallel.gradients import clip_global_norm_, reduce_gradients
 from epmoe.train import checkpoint
@@ -85,6 +86,7 @@ def setup_parallel(cfg: Config, model: Transformer, device: torch.device) -> Par
     if info.world > 1 and (cfg.train.checkpoint_every or cfg.train.resume):
         raise ConfigError("train.checkpoint_every / train.resume need sharded checkpoints, not yet built for world > 1")
     dims.build_groups(info.rank)
+    apply_data_parallel(model, dims)
     if dims.ep_enabled:
         apply_expert_parallel(model, dims, info.rank, cfg.placement.policy)
     return Parallel(info, dims)
