@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from epmoe.comm.parallel_dims import ParallelConfigError, ParallelDims
+
 
 class Handle(Protocol):
     def wait(self) -> torch.Tensor: ...
@@ -90,3 +92,23 @@ class MPICommunicator:
 
         self.comm.Allreduce(MPI.IN_PLACE, tensor.numpy(), op=MPI.SUM)
         return _Pending(tensor)  # Allreduce is blocking: already done
+
+
+def ep_communicator(backend: str, dims: ParallelDims, rank: int) -> Communicator:
+    """The communicator of `rank`'s EP group for `comm.backend` (torch | mpi).
+
+    torch: the EP process group dims.build_groups made. mpi: MPI_COMM_WORLD split into the
+    same groups (EP-major: color = rank // ep); needs MPI's ranks to be torch.distributed's,
+    which holds when mpiexec started the ranks (launcher=mpirun).
+    """
+    if backend == "torch":
+        return TorchCommunicator(dims.ep_group)
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    if (world.Get_size(), world.Get_rank()) != (dims.world, rank):
+        raise ParallelConfigError(
+            f"comm.backend=mpi: MPI sees rank {world.Get_rank()} of {world.Get_size()} but torch.distributed "
+            f"rank {rank} of {dims.world}; start the ranks with mpiexec (launcher=mpirun)"
+        )
+    return MPICommunicator(world.Split(color=rank // dims.ep, key=rank))

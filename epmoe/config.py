@@ -118,8 +118,7 @@ class PlacementConfig:
 
 @dataclass
 class CommConfig:
-    backend: str = "torch"
-    dispatcher: str = "local"
+    backend: str = "torch"  # torch (nccl / gloo process groups) | mpi (mpi4py, CPU tensors)
 
 
 @dataclass
@@ -246,7 +245,10 @@ def validate(cfg: Config) -> Config:
         )
     if lc.name == "torchrun" and lc.nnodes > 1 and not lc.rdzv_endpoint:
         raise ConfigError(f"launcher.nnodes={lc.nnodes} needs launcher.rdzv_endpoint=HOST:PORT (the rendezvous)")
-    _choice("comm.dispatcher", cfg.comm.dispatcher, ("local",))
     _choice("placement.policy", cfg.placement.policy, ("contiguous", "round_robin"))
-    _choice("comm.backend", cfg.comm.backend, ("torch",))
+    _choice("comm.backend", cfg.comm.backend, ("torch", "mpi"))
+    if cfg.comm.backend == "mpi" and lc.name not in ("local", "mpirun"):
+        raise ConfigError(f"comm.backend=mpi needs ranks started by MPI: use launcher=mpirun, not launcher={lc.name}")
+    if cfg.comm.backend == "mpi" and cfg.train.device == "cuda":
+        raise ConfigError("comm.backend=mpi exchanges CPU tensors; with train.device=cuda use comm.backend=torch")
     return cfg

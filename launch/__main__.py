@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         ParallelDims(world=world, dp=cfg.parallel.dp or world, ep=cfg.parallel.ep, num_experts=cfg.model.num_experts)
     except (ConfigError, ParallelConfigError) as e:
         _fail(str(e))
+    if (lc.name == "mpirun" or cfg.comm.backend == "mpi") and importlib.util.find_spec("mpi4py") is None:
+        _fail(f"launcher={lc.name} comm.backend={cfg.comm.backend} needs mpi4py: pip install 'epmoe[mpi]'")
     run_dir, rank_overrides = _run_dir(overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -67,11 +67,25 @@ def test_torchrun_command_multi_node() -> None:
 @pytest.mark.skipif(
     not (Path(sys.executable).parent / "mpiexec").exists(), reason="mpiexec (the mpich wheel) is not installed"
 )
-def test_mpirun_launcher_trains_two_ranks_with_ep2(tmp_path: Path, text_corpus: Path) -> None:
-    run_dir = tmp_path / "run"
-    proc = _launch("launcher=mpirun", "parallel.ep=2", *TINY, "data=text", f"data.path={text_corpus}",
-                   f"hydra.run.dir={run_dir}")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 11))
-    assert sum(records[0]["expert_load"][0]) == 2 * 4 * 32 * 2  # both ranks' tokens were routed
+def test_mpirun_launcher_trains_two_ranks_with_ep2_over_torch_and_over_mpi(tmp_path: Path, text_corpus: Path) -> None:
+    losses = {}
+    for backend in ("torch", "mpi"):
+        run_dir = tmp_path / backend
+        proc = _launch("launcher=mpirun", f"comm={backend}", "parallel.ep=2", *TINY, "data=text",
+                       f"data.path={text_corpus}", f"hydra.run.dir={run_dir}")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(1, 11))
+        assert sum(records[0]["expert_load"][0]) == 2 * 4 * 32 * 2  # both ranks' tokens were routed
+        assert f"(ep 2, tokens exchanged over {backend})" in proc.stderr
+        losses[backend] = [r["loss"] for r in records]
+    # the same rows cross either way: the tokens exchanged over MPI give the same training
+    assert losses["mpi"] == pytest.approx(losses["torch"], rel=1e-6)
+
+
+def test_mpi_backend_needs_ranks_started_by_mpi(tmp_path: Path) -> None:
+    proc = _launch("launcher=torchrun", "comm=mpi", "parallel.ep=2", f"hydra.run.dir={tmp_path}/r", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: comm.backend=mpi needs ranks started by MPI: use launcher=mpirun, not launcher=torchrun"
+    )

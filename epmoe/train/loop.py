@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from epmoe.comm.communicator import ep_communicator
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import RankInfo, all_reduce_sum_, init_from_env
 from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
@@ -88,7 +89,10 @@ def setup_parallel(cfg: Config, model: Transformer, device: torch.device) -> Par
     dims.build_groups(info.rank)
     apply_data_parallel(model, dims)
     if dims.ep_enabled:
-        apply_expert_parallel(model, dims, info.rank, cfg.placement.policy)
+        if cfg.comm.backend == "mpi" and device.type != "cpu":
+            raise ConfigError(f"comm.backend=mpi exchanges CPU tensors, but this run is on {device}; use comm=torch")
+        comm = ep_communicator(cfg.comm.backend, dims, info.rank)
+        apply_expert_parallel(model, dims, info.rank, cfg.placement.policy, comm)
     return Parallel(info, dims)
 
 
@@ -192,9 +196,10 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     loggers = Loggers(log_cfg, run_dir, cfg, write=bar.write)
     n_params = sum(p.numel() for p in model.parameters())
     say = print if main else (lambda *args, **kwargs: None)
+    exchange = f", tokens exchanged over {cfg.comm.backend}" if par.dims.ep_enabled else ""
     say(
         f"epmoe: {n_params / 1e6:.2f}M parameters on rank 0, {len(model.moe_layers())} MoE layers, device {device}, "
-        f"world {par.info.world} (ep {par.dims.ep}), data {data.description}; run dir {run_dir}",
+        f"world {par.info.world} (ep {par.dims.ep}{exchange}), data {data.description}; run dir {run_dir}",
         file=sys.stderr,
     )
     result = TrainResult(run_dir)
