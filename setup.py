@@ -36,12 +36,15 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "numpy>=1.24",
+        "scipy>=1.9",
     ],
     extras_require={
         # MPI without a system MPI: the mpich wheel brings libmpi and mpiexec into the venv
         "mpi": ["mpi4py>=4", "mpich"],
+        # the DeepSpeed runner (launcher=deepspeed); pure Python, its ops compile on first use only
+        "deepspeed": ["deepspeed>=0.14"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100", "setuptools>=70.1",
-                "mpi4py>=4", "mpich"],
+                "mpi4py>=4", "mpich", "deepspeed>=0.14"],
     },
     entry_points={
         "console_scripts": ["epmoe-train=epmoe.train.__main__:main", "epmoe-launch=epmoe.launch.__main__:main"]

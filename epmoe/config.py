@@ -125,11 +125,14 @@ class CommConfig:
 class LauncherConfig:
     """How `python -m epmoe.launch` starts the ranks (`python -m epmoe.train` ignores it)."""
 
-    name: str = "local"  # local (one process) | torchrun | mpirun | slurm
+    name: str = "local"  # local (one process) | torchrun | deepspeed | mpirun | slurm
     nproc_per_node: int = 2
     nnodes: int = 1
     node_rank: int = 0
-    rdzv_endpoint: str | None = None  # host:port of the rendezvous, needed when nnodes > 1
+    rdzv_endpoint: str | None = None  # torchrun, nnodes > 1: host:port of the c10d rendezvous
+    master_addr: str | None = None  # nnodes > 1 without a rendezvous: node 0's address (torchrun, deepspeed)
+    master_port: int = 0  # 0: a free port on one node, 29500 across nodes
+    hostfile: str | None = None  # deepspeed: "host slots=N" lines; more than one host starts ranks over ssh (pdsh)
     max_restarts: int = 0  # torchrun restarts the whole job this many times after a failure
     # slurm: the sbatch script is written to the run directory and printed, or submitted
     partition: str | None = None
@@ -236,15 +239,22 @@ def validate(cfg: Config) -> Config:
     if m.num_experts % p.ep:
         raise ConfigError(f"model.num_experts ({m.num_experts}) must be divisible by parallel.ep ({p.ep})")
     lc = cfg.launcher
-    _choice("launcher.name", lc.name, ("local", "torchrun", "mpirun", "slurm"))
+    _choice("launcher.name", lc.name, ("local", "torchrun", "deepspeed", "mpirun", "slurm"))
     for name in ("nproc_per_node", "nnodes"):
         _positive(f"launcher.{name}", getattr(lc, name))
     if not 0 <= lc.node_rank < lc.nnodes or lc.max_restarts < 0:
         raise ConfigError(
             f"launcher.node_rank ({lc.node_rank}) must be in [0, nnodes={lc.nnodes}) and max_restarts >= 0"
         )
-    if lc.name == "torchrun" and lc.nnodes > 1 and not lc.rdzv_endpoint:
-        raise ConfigError(f"launcher.nnodes={lc.nnodes} needs launcher.rdzv_endpoint=HOST:PORT (the rendezvous)")
+    if lc.name == "torchrun" and lc.nnodes > 1 and not (lc.rdzv_endpoint or lc.master_addr):
+        raise ConfigError(
+            f"launcher.nnodes={lc.nnodes} needs launcher.rdzv_endpoint=HOST:PORT (a c10d rendezvous) "
+            "or launcher.master_addr=HOST (node 0)"
+        )
+    if not 0 <= lc.master_port < 65536:
+        raise ConfigError(f"launcher.master_port ({lc.master_port}) must be a TCP port (0 = pick one)")
+    if lc.hostfile and lc.name != "deepspeed":
+        raise ConfigError(f"launcher.hostfile is read by launcher=deepspeed only, not launcher={lc.name}")
     _choice("placement.policy", cfg.placement.policy, ("contiguous", "round_robin"))
     _choice("comm.backend", cfg.comm.backend, ("torch", "mpi"))
     if cfg.comm.backend == "mpi" and lc.name not in ("local", "mpirun"):

@@ -5,6 +5,7 @@
    rank starts;
 2. fix one run directory for every rank (`hydra.run.dir`, or outputs/<date>/<time>);
 3. start the ranks: `launcher=torchrun` runs torchrun and passes its exit code on;
+   `launcher=deepspeed` runs the DeepSpeed runner (this node, or a hostfile's hosts);
    `launcher=mpirun` runs the venv's mpiexec on this node;
    `launcher=slurm` writes <run dir>/launch.sbatch and prints it (or submits it with
    launcher.submit=true); `launcher=local` runs one process in place.
@@ -21,7 +22,15 @@ from pathlib import Path
 
 from epmoe.comm.parallel_dims import ParallelConfigError, ParallelDims
 from epmoe.config import ConfigError
-from epmoe.launch.commands import free_port, mpirun_command, sbatch_script, torchrun_command
+from epmoe.launch.commands import (
+    DEFAULT_PORT,
+    deepspeed_command,
+    free_port,
+    mpirun_command,
+    read_hostfile,
+    sbatch_script,
+    torchrun_command,
+)
 from epmoe.train.cli import load_config
 
 EXIT_USAGE = 2
@@ -52,6 +61,14 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e))
     if (lc.name == "mpirun" or cfg.comm.backend == "mpi") and importlib.util.find_spec("mpi4py") is None:
         _fail(f"launcher={lc.name} comm.backend={cfg.comm.backend} needs mpi4py: pip install 'epmoe[mpi]'")
+    if lc.name == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            _fail("launcher=deepspeed needs DeepSpeed: pip install 'epmoe[deepspeed]'")
+        if lc.hostfile:
+            try:
+                read_hostfile(Path(lc.hostfile), lc.nnodes, lc.nproc_per_node)
+            except ValueError as e:
+                _fail(str(e))
     run_dir, rank_overrides = _run_dir(overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -70,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     elif lc.name == "mpirun":
         if lc.nnodes > 1:
             _fail("launcher=mpirun starts ranks on this node only; use launcher=torchrun or slurm for nnodes > 1")
-        cmd = mpirun_command(lc, rank_overrides, run_dir, free_port())
+        cmd = mpirun_command(lc, rank_overrides, run_dir, lc.master_port or free_port())
+    elif lc.name == "deepspeed":
+        port = lc.master_port or (free_port() if lc.nnodes == 1 else DEFAULT_PORT)
+        cmd = deepspeed_command(lc, rank_overrides, run_dir, port)
     else:
         cmd = torchrun_command(lc, rank_overrides, run_dir)
     print(f"epmoe.launch: {world} rank(s), run dir {run_dir}", file=sys.stderr)

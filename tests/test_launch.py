@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from epmoe.config import LauncherConfig
-from epmoe.launch.commands import sbatch_script, torchrun_command
+from epmoe.launch.commands import deepspeed_command, free_port, read_hostfile, sbatch_script, torchrun_command
 
 from .conftest import REPO, TINY
 
@@ -61,6 +61,9 @@ def test_torchrun_command_multi_node() -> None:
                    "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--max-restarts=3", "-m", "epmoe.train",
                    "parallel.ep=8", "hydra.run.dir=/runs/a"]  # fmt: skip
     assert "--standalone" in torchrun_command(LauncherConfig(name="torchrun"), [], Path("/r"))
+    static = LauncherConfig(name="torchrun", nnodes=2, node_rank=1, master_addr="10.0.0.1")
+    assert torchrun_command(static, [], Path("/r"), python="py")[4:8] == [
+        "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29500"]  # fmt: skip
     assert "--gpus-per-node" not in sbatch_script(LauncherConfig(name="slurm", gpus_per_node=0), [], Path("/r"))
 
 
@@ -89,3 +92,57 @@ def test_mpi_backend_needs_ranks_started_by_mpi(tmp_path: Path) -> None:
     assert proc.stderr.strip() == (
         "error: comm.backend=mpi needs ranks started by MPI: use launcher=mpirun, not launcher=torchrun"
     )
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_deepspeed_launcher_trains_two_ranks_with_ep2_from_a_hostfile(tmp_path: Path, text_corpus: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# one node, two ranks\nlocalhost slots=2\n")
+    run_dir = tmp_path / "run"
+    proc = _launch("launcher=deepspeed", f"launcher.hostfile={hostfile}", "parallel.ep=2", *TINY, "data=text",
+                   f"data.path={text_corpus}", f"hydra.run.dir={run_dir}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert sum(records[0]["expert_load"][0]) == 2 * 4 * 32 * 2  # both ranks' tokens were routed
+    assert "world 2 (ep 2, tokens exchanged over torch)" in proc.stderr
+
+
+def test_deepspeed_module_runs_the_rank_entry_point_directly(tmp_path: Path, text_corpus: Path) -> None:
+    # as a user would type it: `deepspeed --num_gpus 2 --module epmoe.train ...` (DeepSpeed adds --local_rank=N)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "epmoe.train", "parallel.ep=2", *TINY, "train.steps=3", "data=text",
+           f"data.path={text_corpus}", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert [r["step"] for r in _records(run_dir)] == [1, 2, 3]
+
+
+def test_deepspeed_command_and_hostfile_checks(tmp_path: Path) -> None:
+    lc = LauncherConfig(name="deepspeed", nproc_per_node=4, nnodes=2, hostfile="/etc/hosts.ds", master_addr="n0")
+    assert deepspeed_command(lc, ["parallel.ep=8"], Path("/runs/a"), 29501, python="py") == [
+        "py", "-m", "deepspeed.launcher.runner", "--num_gpus=4", "--master_port=29501", "--no_local_rank",
+        "--hostfile=/etc/hosts.ds", "--num_nodes=2", "--master_addr=n0", "--module", "epmoe.train", "parallel.ep=8",
+        "hydra.run.dir=/runs/a"]  # fmt: skip
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-0 slots=8\n# spare\nworker-1 slots=4\n")
+    assert read_hostfile(hostfile, nnodes=1, nproc_per_node=8) == ["worker-0"]
+    with pytest.raises(ValueError, match="worker-1 has 4 slots, launcher.nproc_per_node is 8"):
+        read_hostfile(hostfile, nnodes=2, nproc_per_node=8)
+    with pytest.raises(ValueError, match="lists 2 host\\(s\\), launcher.nnodes is 3"):
+        read_hostfile(hostfile, nnodes=3, nproc_per_node=2)
+    hostfile.write_text("worker-0\n")
+    with pytest.raises(ValueError, match='line 1: expected "host slots=N", got "worker-0"'):
+        read_hostfile(hostfile, nnodes=1, nproc_per_node=1)
+
+
+def test_a_missing_hostfile_fails_before_any_rank_starts(tmp_path: Path) -> None:
+    proc = _launch("launcher=deepspeed", f"launcher.hostfile={tmp_path}/nope", f"hydra.run.dir={tmp_path}/r",
+                   timeout=60)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: launcher.hostfile ({tmp_path}/nope) does not exist"
+    assert not (tmp_path / "r").exists()

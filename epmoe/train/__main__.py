@@ -5,12 +5,17 @@ Examples:
     python -m epmoe.train model=dense_small train.steps=50
     python -m epmoe.train router=deepseek_v3 router.top_k=4 logger=wandb
     python -m epmoe.train --multirun router.top_k=1,2,4     # a sweep, one run dir per job
+    torchrun --nproc-per-node=2 -m epmoe.train parallel.ep=2 hydra.run.dir=runs/a
+    deepspeed --num_gpus=2 --module epmoe.train parallel.ep=2 hydra.run.dir=runs/a
+(under several ranks, name the run dir: every rank must write to the same one; the launcher,
+`python -m epmoe.launch`, does that for you)
 
 Bad config values fail before any work with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,8 +53,21 @@ def _is_single_run(argv: list[str]) -> bool:
     return not any(a in ("-m", "--multirun") or a.startswith(("--cfg", "-c", "--info", "--help", "-h")) for a in argv)
 
 
+def _take_local_rank_argument() -> None:
+    """`deepspeed --module epmoe.train` passes `--local_rank=N` (unless --no_local_rank), which
+    Hydra would reject as an override: move it into LOCAL_RANK, where torchrun puts it."""
+    rest = []
+    for arg in sys.argv[1:]:
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ["LOCAL_RANK"] = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    sys.argv[1:] = rest
+
+
 def main() -> None:
     register_configs()
+    _take_local_rank_argument()
     argv = sys.argv[1:]
     if _is_single_run(argv):
         # Compose once up front so a bad override is one line and exit 2, not Hydra's
