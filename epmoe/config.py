@@ -130,6 +130,9 @@ class LauncherConfig:
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None  # torchrun, nnodes > 1: host:port of the c10d rendezvous
+    # torchrun: this node's address as the other nodes reach it (default: its hostname's). When
+    # given, this node hosts the rendezvous store iff it is the rdzv_endpoint's host.
+    local_addr: str | None = None
     master_addr: str | None = None  # nnodes > 1 without a rendezvous: node 0's address (torchrun, deepspeed)
     master_port: int = 0  # 0: a free port on one node, 29500 across nodes
     hostfile: str | None = None  # deepspeed: "host slots=N" lines; more than one host starts ranks over ssh (pdsh)

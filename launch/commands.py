@@ -29,6 +29,11 @@ def torchrun_command(
     elif lc.rdzv_endpoint:
         cmd += [f"--nnodes={lc.nnodes}", f"--node-rank={lc.node_rank}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={lc.rdzv_endpoint}"]  # fmt: skip
+        if lc.local_addr:
+            # NOTE: torchrun finds the store's host by resolving its own hostname, which fails
+            # where that name maps to another interface (containers, network namespaces)
+            hosts_store = lc.rdzv_endpoint.rsplit(":", 1)[0] == lc.local_addr
+            cmd += [f"--local-addr={lc.local_addr}", f"--rdzv-conf=is_host={str(hosts_store).lower()}"]
     else:  # static rendezvous at node 0
         cmd += [f"--nnodes={lc.nnodes}", f"--node-rank={lc.node_rank}", f"--master-addr={lc.master_addr}",
                 f"--master-port={lc.master_port or DEFAULT_PORT}"]  # fmt: skip

@@ -61,6 +61,9 @@ def test_torchrun_command_multi_node() -> None:
                    "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--max-restarts=3", "-m", "epmoe.train",
                    "parallel.ep=8", "hydra.run.dir=/runs/a"]  # fmt: skip
     assert "--standalone" in torchrun_command(LauncherConfig(name="torchrun"), [], Path("/r"))
+    for addr, is_host in (("10.0.0.1", "true"), ("10.0.0.2", "false")):
+        lc = LauncherConfig(name="torchrun", nnodes=2, rdzv_endpoint="10.0.0.1:29400", local_addr=addr)
+        assert torchrun_command(lc, [], Path("/r"))[8:10] == [f"--local-addr={addr}", f"--rdzv-conf=is_host={is_host}"]
     static = LauncherConfig(name="torchrun", nnodes=2, node_rank=1, master_addr="10.0.0.1")
     assert torchrun_command(static, [], Path("/r"), python="py")[4:8] == [
         "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29500"]  # fmt: skip
