@@ -33,11 +33,22 @@ def test_torchrun_launcher_trains_two_ranks_with_ep2_in_one_run_dir(tmp_path: Pa
     assert "epmoe.launch: 2 rank(s)" in proc.stderr
 
 
-def test_impossible_degrees_fail_before_any_rank_starts(tmp_path: Path) -> None:
-    proc = _launch("launcher=torchrun", "launcher.nproc_per_node=2", "parallel.ep=4", f"hydra.run.dir={tmp_path}/r",
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.ep=4"], "ep (4) must divide world size (2)"),
+        (["model.num_experts=6", "parallel.ep=4", "launcher.nproc_per_node=4"],
+         "model.num_experts (6) must be divisible by parallel.ep (4)"),
+        (["router.top_k=9"], "router.top_k (9) must be between 1 and model.num_experts (8)"),
+        (["router.n_groups=2", "router.topk_groups=3"],
+         "router.topk_groups (3) must be between 1 and router.n_groups (2)"),
+    ],
+)  # fmt: skip
+def test_impossible_configs_fail_before_any_rank_starts(overrides: list[str], message: str, tmp_path: Path) -> None:
+    proc = _launch("launcher=torchrun", "launcher.nproc_per_node=2", *overrides, f"hydra.run.dir={tmp_path}/r",
                    timeout=60)  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: ep (4) must divide world size (2)"
+    assert proc.stderr.strip() == f"error: {message}"
     assert not (tmp_path / "r").exists()  # nothing was started, not even the run directory
 
 
