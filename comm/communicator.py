@@ -37,7 +37,8 @@ class _Pending:
 
 
 class Communicator(Protocol):
-    size: int
+    size: int  # ranks in the group
+    rank: int  # this process's index in the group
 
     def all_to_all_v(self, x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> Handle: ...
 
@@ -47,7 +48,7 @@ class Communicator(Protocol):
 class TorchCommunicator:
     def __init__(self, group: dist.ProcessGroup | None):
         self.group = group
-        self.size = dist.get_world_size(group)
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
 
     def all_to_all_v(self, x_ND, output_splits, input_splits) -> Handle:
         y_MD = x_ND.new_empty(sum(output_splits), *x_ND.shape[1:])
@@ -65,7 +66,7 @@ class MPICommunicator:
 
     def __init__(self, mpi_comm):
         self.comm = mpi_comm
-        self.size = mpi_comm.Get_size()
+        self.size, self.rank = mpi_comm.Get_size(), mpi_comm.Get_rank()
 
     def all_to_all_v(self, x_ND, output_splits, input_splits) -> Handle:
         from mpi4py import MPI

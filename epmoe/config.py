@@ -119,6 +119,10 @@ class PlacementConfig:
 @dataclass
 class CommConfig:
     backend: str = "torch"  # torch (nccl / gloo process groups) | mpi (mpi4py, CPU tensors)
+    # under expert parallelism: alltoall (exchange everything, then compute) | pipelined (local
+    # rows first, `chunks` pieces whose exchange overlaps the experts' compute)
+    dispatcher: str = "alltoall"
+    chunks: int = 2
 
 
 @dataclass
@@ -260,6 +264,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"launcher.hostfile is read by launcher=deepspeed only, not launcher={lc.name}")
     _choice("placement.policy", cfg.placement.policy, ("contiguous", "round_robin"))
     _choice("comm.backend", cfg.comm.backend, ("torch", "mpi"))
+    _choice("comm.dispatcher", cfg.comm.dispatcher, ("alltoall", "pipelined"))
+    _positive("comm.chunks", cfg.comm.chunks)
     if cfg.comm.backend == "mpi" and lc.name not in ("local", "mpirun"):
         raise ConfigError(f"comm.backend=mpi needs ranks started by MPI: use launcher=mpirun, not launcher={lc.name}")
     if cfg.comm.backend == "mpi" and cfg.train.device == "cuda":

@@ -56,8 +56,10 @@ def test_overrides_reach_the_dataclasses() -> None:
         (["data=text"], "data.path"),
         (["model.n_heads=3"], "model.d_model (256) / model.n_heads (3)"),
         (["parallel.ep=3"], "model.num_experts (8) must be divisible by parallel.ep (3)"),
-        (["launcher.name=deepspeed"], "launcher.name='deepspeed' is not one of local, torchrun, mpirun, slurm"),
+        (["launcher.name=pdsh"], "launcher.name='pdsh' is not one of local, torchrun, deepspeed, mpirun, slurm"),
         (["launcher=torchrun", "launcher.nnodes=2"], "launcher.nnodes=2 needs launcher.rdzv_endpoint"),
+        (["comm.dispatcher=tutel"], "comm.dispatcher='tutel' is not one of alltoall, pipelined"),
+        (["comm.chunks=0"], "comm.chunks"),
         (["model=huge"], "Could not find 'model/huge' (options: dense_small, moe_small)"),
     ],
 )

@@ -135,9 +135,12 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_di
     shutdown()
 
 
-@pytest.mark.parametrize(("world", "ep", "aux"), [(2, 2, "batch"), (2, 2, "sequence"), (4, 2, "batch")])
+@pytest.mark.parametrize(
+    ("world", "ep", "aux", "dispatcher"),
+    [(2, 2, "batch", "alltoall"), (2, 2, "sequence", "pipelined"), (4, 2, "batch", "pipelined")],
+)
 def test_ep_training_matches_single_process_losses(
-    world: int, ep: int, aux: str, tmp_path: Path, text_corpus: Path
+    world: int, ep: int, aux: str, dispatcher: str, tmp_path: Path, text_corpus: Path
 ) -> None:
     import json
 
@@ -149,7 +152,7 @@ def test_ep_training_matches_single_process_losses(
     base = [*TINY, "data=text", f"data.path={text_corpus}", *EP_TRAIN, f"router.aux_loss={aux}"]
     single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
     out = tmp_path / "ep.json"
-    overrides = [*base, f"parallel.ep={ep}"]
+    overrides = [*base, f"parallel.ep={ep}", f"comm.dispatcher={dispatcher}", "comm.chunks=3"]
     mp.spawn(_train_worker, args=(world, free_port(), overrides, str(tmp_path / "ep"), str(out)), nprocs=world)
     ep_result = json.loads(out.read_text())
     assert len(ep_result["losses"]) == 20

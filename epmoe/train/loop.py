@@ -92,7 +92,8 @@ def setup_parallel(cfg: Config, model: Transformer, device: torch.device) -> Par
         if cfg.comm.backend == "mpi" and device.type != "cpu":
             raise ConfigError(f"comm.backend=mpi exchanges CPU tensors, but this run is on {device}; use comm=torch")
         comm = ep_communicator(cfg.comm.backend, dims, info.rank)
-        apply_expert_parallel(model, dims, info.rank, cfg.placement.policy, comm)
+        chunks = cfg.comm.chunks if cfg.comm.dispatcher == "pipelined" else None
+        apply_expert_parallel(model, dims, info.rank, cfg.placement.policy, comm, chunks)
     return Parallel(info, dims)
 
 

@@ -1,0 +1,249 @@
+"""The pipelined all-to-all dispatcher: expert compute overlaps the token exchange (Tutel-style).
+
+Shape key: T tokens, K choices, D width, E experts, R = ep ranks, L = E / R local experts,
+N rows this rank sends (its kept pairs, its own experts' included), M rows it receives in one
+chunk, C chunks.
+
+Same math as AllToAllDispatcher: dropless, capacity-dropped pairs never leave their rank, the
+same permute / unpermute around the experts. Only the order of the work changes:
+1. sort the kept (token, choice) pairs by destination slot (rank, local expert);
+2. exchange the per-(rank, local expert) counts (NOTE: the one host sync per layer call); every
+   chunk's splits and per-expert counts follow from them on the host, alike on every rank;
+3. issue chunk 0's all-to-all, then compute the rows bound for this rank's own experts while it
+   travels (they need no exchange);
+4. for chunk i: wait for its rows, issue chunk i+1's all-to-all, regroup the rows by local expert
+   and compute them, issue chunk i's return all-to-all (it travels while chunk i+1 computes);
+5. wait for the returns and put every row back in its place; unpermute weights and sums per token.
+The rows bound for a peer rank are cut into C contiguous pieces (`split_counts`); chunk c holds
+piece c of every peer's rows. Backward is one autograd.Function running the same pipeline on the
+gradients: chunk i+1's output gradients travel while chunk i's expert graph is differentiated,
+and chunk i's input gradients travel back while chunk i+1's is.
+
+NOTE: every rank issues the same collectives in the same order (one counts exchange, then 2C
+all-to-alls per direction, empty ones included) whatever its data: NCCL, gloo and MPI all match
+concurrent collectives by issue order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from epmoe.comm.collectives import exchange_counts
+from epmoe.comm.communicator import Communicator, Handle
+from epmoe.model.dispatch import ExpertFn
+from epmoe.model.experts import compute_dtype
+from epmoe.model.permute import make_permutation, permute, unpermute
+from epmoe.model.router import Routing
+
+
+def split_counts(counts_L: list[int], chunks: int) -> list[list[int]]:
+    """Cut rows grouped into L contiguous segments of counts_L rows into `chunks` contiguous
+    pieces of near-equal size; returns each piece's rows per segment (C lists of L).
+
+    Sender and receiver call it on the same counts, so both know every chunk's layout.
+    """
+    total = sum(counts_L)
+    bounds = [c * total // chunks for c in range(chunks + 1)]
+    ends = list(itertools.accumulate(counts_L))
+    starts = [end - n for end, n in zip(ends, counts_L)]
+    return [[max(0, min(e, hi) - max(s, lo)) for s, e in zip(starts, ends)] for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _transpose_segments(rows: torch.Tensor, counts_AB: list[list[int]]) -> torch.Tensor:
+    """Rows grouped (a, b)-major into counts_AB[a][b]-row segments, regrouped (b, a)-major."""
+    A, B = len(counts_AB), len(counts_AB[0])
+    if A == 1 or B == 1:
+        return rows
+    pieces = rows.split([n for counts_B in counts_AB for n in counts_B])
+    return torch.cat([pieces[a * B + b] for b in range(B) for a in range(A)])
+
+
+def _transposed(counts_AB: list[list[int]]) -> list[list[int]]:
+    return [list(col) for col in zip(*counts_AB)]
+
+
+@dataclass
+class _Plan:
+    """Who sends which rows in which chunk, from the exchanged counts (host ints, same on every rank).
+
+    Rows of x_ND bound for rank r start at start_R[r]; this rank's own rows (rank `me`) are never
+    exchanged. send_CRL[c][r][l] rows go to rank r's local expert l in chunk c, recv_CRL[c][r][l]
+    come from rank r for local expert l (both 0 for r = me).
+    """
+
+    me: int
+    local_L: list[int]
+    start_R: list[int]
+    send_CRL: list[list[list[int]]]
+    recv_CRL: list[list[list[int]]]
+
+    @classmethod
+    def build(cls, send_RL: list[list[int]], recv_RL: list[list[int]], me: int, chunks: int) -> _Plan:
+        zeros_CL = [[0] * len(send_RL[0])] * chunks
+
+        def per_chunk(counts_RL: list[list[int]]) -> list[list[list[int]]]:
+            split_RCL = [zeros_CL if r == me else split_counts(n_L, chunks) for r, n_L in enumerate(counts_RL)]
+            return [[split_CL[c] for split_CL in split_RCL] for c in range(chunks)]
+
+        start_R = [0, *itertools.accumulate(sum(counts_L) for counts_L in send_RL)][:-1]
+        return cls(me, send_RL[me], start_R, per_chunk(send_RL), per_chunk(recv_RL))
+
+    def send_splits(self, c: int) -> list[int]:
+        return [sum(counts_L) for counts_L in self.send_CRL[c]]
+
+    def recv_splits(self, c: int) -> list[int]:
+        return [sum(counts_L) for counts_L in self.recv_CRL[c]]
+
+    def local_rows(self) -> slice:
+        return slice(self.start_R[self.me], self.start_R[self.me] + sum(self.local_L))
+
+    def send_rows(self, c: int) -> list[slice]:
+        """Chunk c's rows of x_ND (and of y_ND, g_ND, dx_ND), one slice per rank, in rank order."""
+        slices = []
+        for r, start in enumerate(self.start_R):
+            first = start + sum(sum(self.send_CRL[b][r]) for b in range(c))
+            slices.append(slice(first, first + sum(self.send_CRL[c][r])))
+        return slices
+
+
+class _Pipeline:
+    """One layer call's exchange: the plan, the expert graphs kept for backward, the stages."""
+
+    def __init__(self, plan: _Plan, comm: Communicator, expert_fn: ExpertFn, params: list[torch.Tensor], x_ND):
+        self.plan, self.comm, self.expert_fn, self.params = plan, comm, expert_fn, params
+        C = len(plan.send_CRL)
+        # expert counts of the local rows (index C) and of each chunk's received rows (0..C-1)
+        counts_L_list = [[sum(col) for col in zip(*recv_RL)] for recv_RL in plan.recv_CRL] + [plan.local_L]
+        counts_CL = torch.tensor(counts_L_list, dtype=torch.long)
+        if x_ND.is_cuda:  # one small upload per call, without a host sync
+            counts_CL = counts_CL.pin_memory().to(x_ND.device, non_blocking=True)
+        self.counts_CL, self.chunks, self.x_dtype = counts_CL, C, x_ND.dtype
+        # (leaf input rows, output rows) of each expert call that had rows, by its counts_CL index
+        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _issue(self, rows_ND: torch.Tensor, c: int, forward: bool) -> Handle:
+        """All-to-all of chunk c: rows travel to their experts (forward) or back to their senders."""
+        send, recv = self.plan.send_splits(c), self.plan.recv_splits(c)
+        return self.comm.all_to_all_v(rows_ND, recv, send) if forward else self.comm.all_to_all_v(rows_ND, send, recv)
+
+    def _gather(self, rows_ND: torch.Tensor, c: int) -> torch.Tensor:
+        return torch.cat([rows_ND[s] for s in self.plan.send_rows(c)])
+
+    def _scatter(self, out_ND: torch.Tensor, rows: torch.Tensor, c: int) -> None:
+        for s, piece in zip(self.plan.send_rows(c), rows.split(self.plan.send_splits(c))):
+            out_ND[s] = piece
+
+    def _compute(self, x_MD: torch.Tensor, recv_RL: list[list[int]], index: int, needs_grad: bool) -> torch.Tensor:
+        """Expert outputs of rows grouped by (source rank, local expert); keeps the graph for backward."""
+        if x_MD.shape[0] == 0:  # nothing to compute: no graph, no gradient
+            return x_MD.new_empty(0, x_MD.shape[1])
+        with torch.set_grad_enabled(needs_grad):
+            leaf_MD = x_MD.detach().requires_grad_(needs_grad)
+            y_sorted_MD = self.expert_fn(_transpose_segments(leaf_MD, recv_RL), self.counts_CL[index])
+            y_MD = _transpose_segments(y_sorted_MD, _transposed(recv_RL))
+        if needs_grad:
+            self.graphs[index] = (leaf_MD, y_MD)
+        return y_MD.detach()
+
+    def forward(self, x_ND: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+        plan, C = self.plan, self.chunks
+        y_ND = x_ND.new_empty(x_ND.shape)
+        sending = self._issue(self._gather(x_ND, 0), 0, forward=True)
+        y_local = self._compute(x_ND[plan.local_rows()], [plan.local_L], C, needs_grad)
+        returning = []
+        for c in range(C):
+            x_MD = sending.wait()
+            if c + 1 < C:
+                sending = self._issue(self._gather(x_ND, c + 1), c + 1, forward=True)
+            returning.append(self._issue(self._compute(x_MD, plan.recv_CRL[c], c, needs_grad), c, forward=False))
+        y_ND[plan.local_rows()] = y_local
+        for c, handle in enumerate(returning):
+            self._scatter(y_ND, handle.wait(), c)
+        return y_ND
+
+    def _differentiate(self, g_MD: torch.Tensor, index: int, grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """Input gradient of expert call `index` (C: the local rows); adds its parameter gradients to `grads`."""
+        graph = self.graphs.pop(index, None)
+        if graph is None:
+            return g_MD.new_empty(0, g_MD.shape[1])
+        leaf_MD, y_MD = graph
+        dx_MD, *dparams = torch.autograd.grad(y_MD, [leaf_MD, *self.params], g_MD, allow_unused=True)
+        for i, dp in enumerate(dparams):
+            if dp is not None:
+                grads[i] = dp if grads[i] is None else grads[i] + dp
+        return dx_MD if dx_MD is not None else torch.zeros_like(leaf_MD)
+
+    def backward(self, g_ND: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        plan, C = self.plan, self.chunks
+        grads: list[torch.Tensor | None] = [None] * len(self.params)
+        dx_ND = g_ND.new_empty(g_ND.shape, dtype=self.x_dtype)
+        sending = self._issue(self._gather(g_ND, 0), 0, forward=True)
+        dx_local = self._differentiate(g_ND[plan.local_rows()], C, grads)
+        returning = []
+        for c in range(C):
+            g_MD = sending.wait()
+            if c + 1 < C:
+                sending = self._issue(self._gather(g_ND, c + 1), c + 1, forward=True)
+            returning.append(self._issue(self._differentiate(g_MD, c, grads), c, forward=False))
+        dx_ND[plan.local_rows()] = dx_local
+        for c, handle in enumerate(returning):
+            self._scatter(dx_ND, handle.wait(), c)
+        # a rank that computed no rows still owes each expert parameter a (zero) gradient
+        return dx_ND, [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+
+
+class _PipelinedExperts(torch.autograd.Function):
+    """y_ND = the experts' outputs for x_ND's rows, wherever the experts live.
+
+    The expert parameters are inputs so that their gradients are returned from backward
+    (torch.autograd.grad(loss, params) works), never accumulated into .grad on the side.
+    """
+
+    @staticmethod
+    def forward(ctx, pipe: _Pipeline, needs_grad: bool, x_ND: torch.Tensor, *params: torch.Tensor):  # noqa: D102
+        ctx.pipe = pipe
+        return pipe.forward(x_ND, needs_grad)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_ND: torch.Tensor):  # noqa: D102
+        pipe, ctx.pipe = ctx.pipe, None  # drop the chunk graphs once used
+        dx_ND, grads = pipe.backward(g_ND.contiguous())
+        return None, None, dx_ND, *grads
+
+
+class PipelinedDispatcher:
+    def __init__(self, slot_of_expert_E: torch.Tensor, comm: Communicator, chunks: int):
+        """slot_of_expert_E[e] = rank * L + local index of expert e (a placement map); comm spans
+        the EP group (its size is ep); chunks: pieces the exchanged rows are cut into (>= 1)."""
+        if chunks < 1:
+            raise ValueError(f"chunks ({chunks}) must be >= 1; chunks=1 exchanges all rows at once")
+        self.slot_of_expert_E = slot_of_expert_E
+        self.ep, self.comm, self.chunks = comm.size, comm, chunks
+        self.rank = comm.rank
+        self.local_experts = len(slot_of_expert_E) // self.ep
+
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
+        """x_TD: (T, D) tokens; expert_fn(x_ND, counts_L) -> y_ND computes this rank's L local
+        experts (an nn.Module's parameters get gradients); returns y_TD (T, D)."""
+        R, L = self.ep, self.local_experts
+        slots_TK = self.slot_of_expert_E.to(routing.topk_idx_TK.device)[routing.topk_idx_TK]
+        perm = make_permutation(slots_TK, routing.keep_TK, R * L)
+        x_ND = permute(x_TD.to(compute_dtype(x_TD)), perm)
+
+        send_counts_RL = perm.counts_E.view(R, L)
+        recv_counts_RL = exchange_counts(send_counts_RL, self.comm)
+        # NOTE: the one host sync per call: every chunk's splits and expert counts derive from these
+        send_RL, recv_RL = torch.stack((send_counts_RL, recv_counts_RL)).tolist()
+        plan = _Plan.build(send_RL, recv_RL, self.rank, self.chunks)
+
+        params = [p for p in expert_fn.parameters() if p.requires_grad] if isinstance(expert_fn, nn.Module) else []
+        needs_grad = torch.is_grad_enabled() and (x_ND.requires_grad or bool(params))
+        pipe = _Pipeline(plan, self.comm, expert_fn, params, x_ND)
+        y_ND = _PipelinedExperts.apply(pipe, needs_grad, x_ND, *params)
+        return unpermute(y_ND, perm, routing.topk_w_TK)
