@@ -3,11 +3,18 @@
 A placement map is `slot_of_expert_E`: expert e lives in slot s = rank * L + local index,
 with L = num_experts / ep experts per rank. Rows sent to rank r are sorted by slot, so a
 rank's local experts compute in slot order.
+
+`PLACEMENTS` holds the per-layer form (`placement.Placement`, which also allows replicas): every
+policy, static or load-following, called as policy(num_experts, ep, slots_per_rank, stats, num_layers).
 """
 
 from __future__ import annotations
 
 import torch
+
+from epmoe.placement.affinity import affinity_placement
+from epmoe.placement.load_policies import balanced_placement, redundant_placement
+from epmoe.placement.placement import Placement, PlacementPolicy, RoutingStats, check_policy_args
 
 
 def contiguous(num_experts: int, ep: int) -> torch.Tensor:
@@ -31,3 +38,28 @@ def experts_on_rank(slot_of_expert_E: torch.Tensor, ep: int, ep_rank: int) -> to
     expert_of_slot = torch.empty_like(slot_of_expert_E)
     expert_of_slot[slot_of_expert_E] = torch.arange(len(slot_of_expert_E))
     return expert_of_slot[ep_rank * experts_per_rank : (ep_rank + 1) * experts_per_rank]
+
+
+def contiguous_placement(
+    num_experts: int, ep: int, slots_per_rank: int, stats: RoutingStats | None, num_layers: int
+) -> Placement:
+    """`contiguous` in every MoE layer; reads no stats."""
+    check_policy_args("contiguous", num_experts, ep, slots_per_rank, stats, num_layers, needs_stats=False)
+    return Placement.from_slot_of_expert(contiguous(num_experts, ep), ep, num_layers, origin="contiguous")
+
+
+def round_robin_placement(
+    num_experts: int, ep: int, slots_per_rank: int, stats: RoutingStats | None, num_layers: int
+) -> Placement:
+    """`round_robin` in every MoE layer; reads no stats."""
+    check_policy_args("round_robin", num_experts, ep, slots_per_rank, stats, num_layers, needs_stats=False)
+    return Placement.from_slot_of_expert(round_robin(num_experts, ep), ep, num_layers, origin="round_robin")
+
+
+PLACEMENTS: dict[str, PlacementPolicy] = {
+    "contiguous": contiguous_placement,
+    "round_robin": round_robin_placement,
+    "balanced": balanced_placement,
+    "redundant": redundant_placement,
+    "affinity": affinity_placement,
+}
