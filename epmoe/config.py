@@ -101,6 +101,10 @@ class LoggerConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "epmoe"
     wandb_entity: str | None = None
+    # every N steps, keep the first `routing_trace_tokens` tokens' expert choices of every MoE
+    # layer (rank 0); written to <run dir>/routing_trace.pt at the end. 0 = off
+    routing_trace_every: int = 0
+    routing_trace_tokens: int = 256
 
 
 @dataclass
@@ -239,6 +243,9 @@ def validate(cfg: Config) -> Config:
     _choice("train.precision", t.precision, ("fp32", "bf16"))
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _choice("logger.wandb_mode", lg.wandb_mode, ("offline", "online", "disabled"))
+    if lg.routing_trace_every < 0:
+        raise ConfigError(f"logger.routing_trace_every ({lg.routing_trace_every}) must be >= 0 (0 = off)")
+    _positive("logger.routing_trace_tokens", lg.routing_trace_tokens)
 
     p = cfg.parallel
     if p.dp < 0 or p.ep < 1:

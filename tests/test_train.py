@@ -156,3 +156,31 @@ def test_interrupt_saves_the_last_completed_step(tmp_path: Path, text_corpus: Pa
         train(_tiny(text_corpus, "train.steps=8"), tmp_path / "run")
     assert checkpoint.latest(tmp_path / "run").name == "step_00000003.pt"
     assert checkpoint.load(tmp_path / "run")["step"] == 3
+
+
+def test_routing_trace_holds_the_choices_the_load_metric_counted(tmp_path: Path, text_corpus: Path) -> None:
+    from epmoe.train.routing_stats import load_trace
+
+    cfg = _tiny(text_corpus, "logger.routing_trace_every=3", "logger.routing_trace_tokens=1000")
+    result = train(cfg, tmp_path / "run")
+    trace = load_trace(tmp_path / "run" / "routing_trace.pt")
+    assert trace["steps"].tolist() == [3, 6, 9]
+    assert tuple(trace["topk_idx_NYTK"].shape) == (3, 2, 4 * 32, 2)  # samples, MoE layers, all 128 tokens, top-2
+    records = {r["step"]: r for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())}
+    for n, step in enumerate(trace["steps"].tolist()):  # one micro-batch, one rank: the trace is the whole step
+        for layer in range(2):
+            counts = torch.bincount(trace["topk_idx_NYTK"][n, layer].long().flatten(), minlength=4)
+            assert counts.tolist() == records[step]["expert_load"][layer]
+
+
+def test_routing_counts_accumulate_then_start_a_new_window() -> None:
+    from epmoe.train.routing_stats import RoutingCounts
+
+    counts = RoutingCounts(num_layers=2, num_experts=3)
+    # two tokens, top-1: token 0 goes 0 -> 2, token 1 goes 1 -> 2; then one token 2 -> 0
+    counts.add(torch.tensor([[[0], [1]], [[2], [2]]]))
+    counts.add(torch.tensor([[[2]], [[0]]]))
+    stats = counts.take_global()  # one process: the global sum is the local one
+    assert stats.load_YE.tolist() == [[1, 1, 1], [1, 0, 2]]
+    assert stats.cooc_YEE[0].tolist() == [[0, 0, 1], [0, 0, 1], [1, 0, 0]]
+    assert counts.take_global().load_YE.sum() == 0

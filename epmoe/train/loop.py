@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from epmoe.train import checkpoint
 from epmoe.train.data import TokenSplits, load_splits, sample_batch
 from epmoe.train.loggers import Loggers
 from epmoe.train.plots import plot_run
+from epmoe.train.routing_stats import RoutingTrace, topk_of_layers
 
 LN2 = math.log(2)
 VAL_STREAM = 1 << 20  # data stream ids >= this are validation batches
@@ -204,6 +206,8 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         file=sys.stderr,
     )
     result = TrainResult(run_dir)
+    trace = RoutingTrace(log_cfg.routing_trace_every, log_cfg.routing_trace_tokens, cfg.model.num_experts,
+                         par.dims.ep, par.info.world)  # fmt: skip
     tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum * par.info.world
 
     def save_checkpoint(step: int) -> Path:
@@ -220,7 +224,12 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     try:
         for step in range(start_step, t_cfg.steps):
             t0 = time.perf_counter()
-            record = train_step(model, optimizer, data, cfg, device, step, par=par)
+
+            def on_routing(micro: int, topk_idx_YTK: torch.Tensor, step: int = step) -> None:
+                if micro == 0 and trace.wants(step + 1):
+                    trace.add(step + 1, topk_idx_YTK)
+
+            record = train_step(model, optimizer, data, cfg, device, step, par=par, on_routing=on_routing)
             scheduler.step()
             completed = step + 1
             record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
@@ -248,12 +257,15 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
             say("sample:\n" + text)
         if log_cfg.plots:
             say(f"plot: {plot_run(loggers.history, run_dir / 'training.png')}")
+        if (trace_path := trace.save(run_dir)) is not None:
+            say(f"routing trace ({len(trace.steps)} samples): {trace_path}")
         if log_cfg.jsonl:
             say(f"metrics: {run_dir / 'metrics.jsonl'}")
         if loggers.wandb_dir is not None:
             say(f"wandb ({cfg.logger.wandb_mode}): {loggers.wandb_dir}")
     except KeyboardInterrupt:
         bar.close()
+        trace.save(run_dir)
         if start_step < completed < t_cfg.steps and par.info.world == 1:  # resume with train.resume=<run dir>
             print(f"interrupted: saved {save_checkpoint(completed)}", file=sys.stderr)
         raise
@@ -271,8 +283,10 @@ def train_step(
     device: torch.device,
     step: int,
     par: Parallel | None = None,
+    on_routing: Callable[[int, torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
-    """One optimizer step over grad_accum micro-batches; returns the step's metrics (all ranks)."""
+    """One optimizer step over grad_accum micro-batches; returns the step's metrics (all ranks).
+    on_routing(micro, topk_idx_YTK) sees every micro-batch's expert choices (Y MoE layers)."""
     t_cfg = cfg.train
     par = par or Parallel.single(cfg.model.num_experts)
     global_batch = t_cfg.batch_size * par.info.world
@@ -293,6 +307,8 @@ def train_step(
         for layer, routing in enumerate(out.routings):
             load_LE[layer] += routing.counts_E
             dropped += routing.dropped
+        if on_routing is not None and out.routings:
+            on_routing(micro, topk_of_layers(out.routings))
     ce_sum, aux_sum, z_sum = par.mean(ce_sum), par.mean(aux_sum), par.mean(z_sum)
     if not math.isfinite(ce_sum):
         raise FloatingPointError(f"non-finite training loss at step {step + 1}; lower train.lr or use precision=fp32")
