@@ -117,7 +117,10 @@ class ParallelConfig:
 
 @dataclass
 class PlacementConfig:
+    # contiguous | round_robin (static) | balanced | affinity (follow the routing load: they take
+    # over from contiguous at the first re-placement, every `rebalance_every` steps)
     policy: str = "contiguous"
+    rebalance_every: int = 0  # 0 = never move experts
 
 
 @dataclass
@@ -269,7 +272,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"launcher.master_port ({lc.master_port}) must be a TCP port (0 = pick one)")
     if lc.hostfile and lc.name != "deepspeed":
         raise ConfigError(f"launcher.hostfile is read by launcher=deepspeed only, not launcher={lc.name}")
-    _choice("placement.policy", cfg.placement.policy, ("contiguous", "round_robin"))
+    pc = cfg.placement
+    if pc.policy == "redundant":
+        raise ConfigError("placement.policy=redundant: replica dispatch is not built yet; use balanced or affinity")
+    _choice("placement.policy", pc.policy, ("contiguous", "round_robin", "balanced", "affinity"))
+    if pc.rebalance_every < 0:
+        raise ConfigError(f"placement.rebalance_every ({pc.rebalance_every}) must be >= 0 (0 = never)")
+    if pc.policy in ("balanced", "affinity") and pc.rebalance_every == 0:
+        raise ConfigError(
+            f"placement.policy={pc.policy} follows the routing load: set placement.rebalance_every=N "
+            "(steps between re-placements)"
+        )
     _choice("comm.backend", cfg.comm.backend, ("torch", "mpi"))
     _choice("comm.dispatcher", cfg.comm.dispatcher, ("alltoall", "pipelined"))
     _positive("comm.chunks", cfg.comm.chunks)

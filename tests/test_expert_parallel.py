@@ -170,3 +170,86 @@ def test_ep_layer_with_the_mpi_communicator_under_mpiexec() -> None:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("mpi ep layer: all cases match") == 2
+
+
+# --- online re-placement: experts move with their optimizer state; the math does not change ---
+
+
+def _migration_worker(rank: int, world: int, store: str) -> None:
+    from epmoe.comm.communicator import TorchCommunicator
+    from epmoe.placement.migration import migrate_layer
+    from epmoe.placement.placement import Placement
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    dims = ParallelDims(world=world, dp=world, ep=world, num_experts=8)
+    dims.build_groups(rank)
+    cfg = ModelConfig(d_model=D, num_experts=8, expert_hidden=4, n_shared_experts=0, expert_impl="loop")
+    torch.manual_seed(0)
+    moe = MoE(cfg, RouterConfig(top_k=2, aux_loss="none"))
+    comm = TorchCommunicator(dims.ep_group)
+    old = apply_expert_parallel(moe, dims, rank, "contiguous", comm)
+    optimizer = torch.optim.AdamW(moe.parameters(), lr=1e-2)
+    y, _ = moe(torch.randn(1, 12, D, generator=torch.Generator().manual_seed(rank)))
+    y.square().sum().backward()
+    optimizer.step()  # AdamW now holds exp_avg / exp_avg_sq per expert row
+
+    def by_expert(placement: Placement) -> dict[tuple[str, int], torch.Tensor]:
+        """{(tensor name, global expert id): row} of every rank (all-gathered)."""
+        rows = {}
+        for name in ("w_gate_EDF", "w_down_EFD"):
+            param = getattr(moe.experts, name)
+            state = optimizer.state[param]
+            for label, t in ((name, param.data), (f"{name}.exp_avg", state["exp_avg"]),
+                             (f"{name}.exp_avg_sq", state["exp_avg_sq"])):  # fmt: skip
+                gathered = [torch.empty_like(t) for _ in range(world)]
+                dist.all_gather(gathered, t.contiguous())
+                for r in range(world):
+                    for local, e in enumerate(placement.experts_on_rank(0, r).tolist()):
+                        rows[(label, e)] = gathered[r][local].clone()
+        return rows
+
+    before = by_expert(old)
+    new_slot_of_expert_E = torch.tensor([5, 0, 7, 2, 1, 6, 3, 4])  # experts cross ranks both ways
+    new = Placement.from_slot_of_expert(new_slot_of_expert_E, world, 1)
+    sent = migrate_layer(moe, old, new, 0, rank, comm, optimizer)
+    after = by_expert(new)
+    assert before.keys() == after.keys() and len(before) == 6 * 8
+    for key in before:
+        assert torch.equal(before[key], after[key]), f"rank {rank}: {key} changed in migration"
+    assert moe.dispatcher.slot_of_expert_E.tolist() == new_slot_of_expert_E.tolist()
+    assert sent > 0
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_migration_moves_weights_and_optimizer_state_with_each_expert(world: int, tmp_path: Path) -> None:
+    mp.spawn(_migration_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize(("world", "policy"), [(2, "balanced"), (4, "affinity")])
+def test_training_with_replacement_matches_single_process(
+    world: int, policy: str, tmp_path: Path, text_corpus: Path
+) -> None:
+    import json
+
+    from epmoe.train.cli import load_config
+    from epmoe.train.loop import train
+
+    from .conftest import TINY
+
+    base = [*TINY, "data=text", f"data.path={text_corpus}", *EP_TRAIN, "router.aux_loss=batch"]
+    single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
+    out = tmp_path / "ep.json"
+    overrides = [*base, f"parallel.ep={world}", f"placement={policy}", "placement.rebalance_every=4"]
+    mp.spawn(_train_worker, args=(world, free_port(), overrides, str(tmp_path / "ep"), str(out)), nprocs=world)
+    ep_result = json.loads(out.read_text())
+    for step, (a, b) in enumerate(zip(single.losses, ep_result["losses"]), 1):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: single {a} vs ep {b} ({policy} re-placement)"
+    records = [json.loads(line) for line in (tmp_path / "ep" / "metrics.jsonl").read_text().splitlines()]
+    moves = [r for r in records if "placement_bytes_moved" in r]
+    assert [r["step"] for r in moves] == [4, 8, 12, 16]  # every 4 steps, not after the last (20)
+    assert sum(r["placement_bytes_moved"] for r in moves) > 0  # experts really moved
+    assert all(
+        r["placement_imbalance_new"] <= r["placement_imbalance_old"] + 1e-9 for r in moves if policy == "balanced"
+    )

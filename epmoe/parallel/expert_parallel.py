@@ -1,6 +1,6 @@
 """Apply expert parallelism to a single-device model from outside (the torchtitan way).
 
-For every MoE layer: keep only this rank's experts' weights (by the placement map) and
+For every MoE layer y: keep only this rank's experts' weights (by layer y's placement map) and
 install an all-to-all dispatcher (plain, or pipelined in chunks). The model's code does not change.
 """
 
@@ -14,38 +14,61 @@ from epmoe.comm.dispatch import AllToAllDispatcher
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.pipelined import PipelinedDispatcher
 from epmoe.model.moe import MoE
-from epmoe.placement.policies import POLICIES, experts_on_rank
+from epmoe.placement.placement import Placement
+from epmoe.placement.policies import PLACEMENTS
+
+EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def shard_experts(moe: MoE, local_ids_L: torch.Tensor) -> None:
     """Replace the stacked expert weights by the rows of `local_ids_L` (in that order)."""
     experts = moe.experts
-    for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+    for name in EXPERT_WEIGHTS:
         full = getattr(experts, name)
         if full is not None:
             setattr(experts, name, nn.Parameter(full.detach()[local_ids_L].clone()))
     experts.num_experts = len(local_ids_L)
 
 
+def static_placement(policy: str, num_experts: int, ep: int, num_layers: int) -> Placement:
+    """The placement a run starts from: `policy` if it reads no routing statistics, else
+    contiguous (load-following policies take over at the first re-placement)."""
+    if policy not in ("contiguous", "round_robin"):
+        policy = "contiguous"
+    return PLACEMENTS[policy](num_experts, ep, num_experts // ep, None, num_layers)
+
+
 def apply_expert_parallel(
     model: nn.Module,
     dims: ParallelDims,
     rank: int,
-    placement: str = "contiguous",
+    placement: str | Placement = "contiguous",
     comm: Communicator | None = None,
     chunks: int | None = None,
-) -> None:
-    """Shard every MoE layer of `model` for `rank`. comm spans the EP group; by default the
-    torch.distributed EP group (dims.build_groups must have run). chunks: None installs the
-    plain AllToAllDispatcher, n the PipelinedDispatcher with n chunks."""
+) -> Placement:
+    """Shard every MoE layer of `model` for `rank`; returns the placement installed.
+
+    placement: a Placement (one map per MoE layer, no replicas) or a static policy name.
+    comm spans the EP group; by default the torch.distributed EP group (dims.build_groups must
+    have run). chunks: None installs the plain AllToAllDispatcher, n the PipelinedDispatcher.
+    """
     comm = comm or TorchCommunicator(dims.ep_group)
-    slot_of_expert_E = POLICIES[placement](dims.num_experts, dims.ep)
-    local_ids_L = experts_on_rank(slot_of_expert_E, dims.ep, dims.ep_rank(rank))
-    for module in model.modules():
-        if isinstance(module, MoE):
-            shard_experts(module, local_ids_L)
-            module.dispatcher = (
-                AllToAllDispatcher(slot_of_expert_E, comm)
-                if chunks is None
-                else PipelinedDispatcher(slot_of_expert_E, comm, chunks)
-            )
+    layers = moe_layers(model)
+    if isinstance(placement, str):
+        placement = static_placement(placement, dims.num_experts, dims.ep, len(layers))
+    for y, moe in enumerate(layers):
+        shard_experts(moe, placement.experts_on_rank(y, dims.ep_rank(rank)))
+        install_dispatcher(moe, placement.slot_of_expert_E(y), comm, chunks)
+    return placement
+
+
+def install_dispatcher(moe: MoE, slot_of_expert_E: torch.Tensor, comm: Communicator, chunks: int | None) -> None:
+    moe.dispatcher = (
+        AllToAllDispatcher(slot_of_expert_E, comm)
+        if chunks is None
+        else PipelinedDispatcher(slot_of_expert_E, comm, chunks)
+    )

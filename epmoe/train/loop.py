@@ -35,11 +35,12 @@ from epmoe.model.transformer import Transformer
 from epmoe.parallel.data_parallel import apply_data_parallel
 from epmoe.parallel.expert_parallel import apply_expert_parallel
 from epmoe.parallel.gradients import clip_global_norm_, reduce_gradients
+from epmoe.placement.migration import Rebalancer
 from epmoe.train import checkpoint
 from epmoe.train.data import TokenSplits, load_splits, sample_batch
 from epmoe.train.loggers import Loggers
 from epmoe.train.plots import plot_run
-from epmoe.train.routing_stats import RoutingTrace, topk_of_layers
+from epmoe.train.routing_stats import RoutingCounts, RoutingTrace, topk_of_layers
 
 LN2 = math.log(2)
 VAL_STREAM = 1 << 20  # data stream ids >= this are validation batches
@@ -64,6 +65,7 @@ class Parallel:
 
     info: RankInfo
     dims: ParallelDims
+    rebalancer: Rebalancer | None = None  # online re-placement of experts (placement.rebalance_every)
 
     @classmethod
     def single(cls, num_experts: int) -> Parallel:
@@ -95,7 +97,11 @@ def setup_parallel(cfg: Config, model: Transformer, device: torch.device) -> Par
             raise ConfigError(f"comm.backend=mpi exchanges CPU tensors, but this run is on {device}; use comm=torch")
         comm = ep_communicator(cfg.comm.backend, dims, info.rank)
         chunks = cfg.comm.chunks if cfg.comm.dispatcher == "pipelined" else None
-        apply_expert_parallel(model, dims, info.rank, cfg.placement.policy, comm, chunks)
+        placement = apply_expert_parallel(model, dims, info.rank, cfg.placement.policy, comm, chunks)
+        if cfg.placement.rebalance_every > 0:
+            rebalancer = Rebalancer(cfg.placement.policy, cfg.placement.rebalance_every, placement,
+                                    dims.ep_rank(info.rank), info.is_main, comm)  # fmt: skip
+            return Parallel(info, dims, rebalancer)
     return Parallel(info, dims)
 
 
@@ -208,6 +214,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     result = TrainResult(run_dir)
     trace = RoutingTrace(log_cfg.routing_trace_every, log_cfg.routing_trace_tokens, cfg.model.num_experts,
                          par.dims.ep, par.info.world)  # fmt: skip
+    counts = RoutingCounts(len(model.moe_layers()), cfg.model.num_experts) if par.rebalancer else None
     tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum * par.info.world
 
     def save_checkpoint(step: int) -> Path:
@@ -228,6 +235,8 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
             def on_routing(micro: int, topk_idx_YTK: torch.Tensor, step: int = step) -> None:
                 if micro == 0 and trace.wants(step + 1):
                     trace.add(step + 1, topk_idx_YTK)
+                if counts is not None:
+                    counts.add(topk_idx_YTK)
 
             record = train_step(model, optimizer, data, cfg, device, step, par=par, on_routing=on_routing)
             scheduler.step()
@@ -235,6 +244,13 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
             record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
             result.losses.append(record["loss"])
             last = completed == t_cfg.steps
+            if par.rebalancer is not None and par.rebalancer.due(completed, last):
+                moves = par.rebalancer.rebalance(model.moe_layers(), counts.take_global(), optimizer)
+                record.update(moves)
+                if main:
+                    bar.write(f"step {completed}: re-placed experts ({par.rebalancer.placement.origin}): imbalance "
+                              f"{moves['placement_imbalance_old']:.3f} -> {moves['placement_imbalance_new']:.3f}, "
+                              f"{moves['placement_bytes_moved'] / 1e6:.2f} MB moved")  # fmt: skip
             if t_cfg.eval_every and (completed % t_cfg.eval_every == 0 or last):
                 result.val_loss = evaluate(model, data, cfg, device, par)
                 record.update(val_loss=result.val_loss, val_bpb=result.val_loss / LN2)
