@@ -9,6 +9,11 @@ N rows this rank sends, M rows it receives.
 4. re-sort them by local expert, run the local experts, undo the re-sort;
 5. all-to-all the outputs back (the transposed exchange), weight and sum per token.
 Dropless: splits are variable. Dropped pairs (capacity) never leave their rank.
+
+payload_dtype (e.g. bf16): rows are cast to it just for the exchanges and back to the compute
+dtype on arrival; the casts sit outside the autograd all-to-all, so gradients cross in it too.
+NOTE: here this rank's own rows take the same rounding (they pass through the same collective);
+the pipelined dispatcher never exchanges them.
 """
 
 from __future__ import annotations
@@ -24,12 +29,19 @@ from epmoe.model.router import Routing
 
 
 class AllToAllDispatcher:
-    def __init__(self, slot_of_expert_E: torch.Tensor, comm: Communicator):
+    def __init__(self, slot_of_expert_E: torch.Tensor, comm: Communicator, payload_dtype: torch.dtype | None = None):
         """slot_of_expert_E[e] = rank * L + local index of expert e (a placement map);
-        comm spans the EP group (its size is ep)."""
+        comm spans the EP group (its size is ep); payload_dtype: the rows' dtype on the wire
+        (None: the compute dtype, no cast)."""
         self.slot_of_expert_E = slot_of_expert_E
         self.ep, self.comm = comm.size, comm
         self.local_experts = len(slot_of_expert_E) // self.ep
+        self.payload_dtype = payload_dtype
+
+    def _exchange(self, rows: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+        """all_to_all_v in payload_dtype; the result (and, in backward, the gradient) in rows' dtype."""
+        wire = self.payload_dtype or rows.dtype
+        return all_to_all_v(rows.to(wire), output_splits, input_splits, self.comm).to(rows.dtype)
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
         R, L = self.ep, self.local_experts
@@ -41,7 +53,7 @@ class AllToAllDispatcher:
         recv_counts_RL = exchange_counts(send_counts_RL, self.comm)
         input_splits = send_counts_RL.sum(1).tolist()  # NOTE: host sync for the splits
         output_splits = recv_counts_RL.sum(1).tolist()
-        x_MD = all_to_all_v(x_ND, output_splits, input_splits, self.comm)
+        x_MD = self._exchange(x_ND, output_splits, input_splits)
 
         local_of_row_M = torch.arange(L).repeat(R).repeat_interleave(recv_counts_RL.flatten().cpu())
         order_M = local_of_row_M.argsort(stable=True).to(x_MD.device)
@@ -50,5 +62,5 @@ class AllToAllDispatcher:
         y_sorted_MD = expert_fn(x_MD.index_select(0, order_M), recv_counts_RL.sum(0))
         y_MD = y_sorted_MD.index_select(0, inverse_M)
 
-        y_ND = all_to_all_v(y_MD, input_splits, output_splits, self.comm)
+        y_ND = self._exchange(y_MD, input_splits, output_splits)
         return unpermute(y_ND, perm, routing.topk_w_TK)

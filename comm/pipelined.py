@@ -19,6 +19,9 @@ piece c of every peer's rows. Backward is one autograd.Function running the same
 gradients: chunk i+1's output gradients travel while chunk i's expert graph is differentiated,
 and chunk i's input gradients travel back while chunk i+1's is.
 
+payload_dtype (e.g. bf16): exchanged rows (inputs, outputs and both gradients) are cast to it
+just for the wire and back to the compute dtype on arrival; this rank's own rows are never cast.
+
 NOTE: every rank issues the same collectives in the same order (one counts exchange, then 2C
 all-to-alls per direction, empty ones included) whatever its data: NCCL, gloo and MPI all match
 concurrent collectives by issue order.
@@ -111,11 +114,30 @@ class _Plan:
         return slices
 
 
+class _Arrival:
+    """A handle whose rows are cast from the wire's dtype back to `dtype` when they arrive."""
+
+    def __init__(self, handle: Handle, dtype: torch.dtype):
+        self.handle, self.dtype = handle, dtype
+
+    def wait(self) -> torch.Tensor:
+        return self.handle.wait().to(self.dtype)
+
+
 class _Pipeline:
     """One layer call's exchange: the plan, the expert graphs kept for backward, the stages."""
 
-    def __init__(self, plan: _Plan, comm: Communicator, expert_fn: ExpertFn, params: list[torch.Tensor], x_ND):
+    def __init__(
+        self,
+        plan: _Plan,
+        comm: Communicator,
+        expert_fn: ExpertFn,
+        params: list[torch.Tensor],
+        x_ND: torch.Tensor,
+        payload_dtype: torch.dtype | None,
+    ):
         self.plan, self.comm, self.expert_fn, self.params = plan, comm, expert_fn, params
+        self.payload_dtype = payload_dtype
         C = len(plan.send_CRL)
         # expert counts of the local rows (index C) and of each chunk's received rows (0..C-1)
         counts_L_list = [[sum(col) for col in zip(*recv_RL)] for recv_RL in plan.recv_CRL] + [plan.local_L]
@@ -129,7 +151,10 @@ class _Pipeline:
     def _issue(self, rows_ND: torch.Tensor, c: int, forward: bool) -> Handle:
         """All-to-all of chunk c: rows travel to their experts (forward) or back to their senders."""
         send, recv = self.plan.send_splits(c), self.plan.recv_splits(c)
-        return self.comm.all_to_all_v(rows_ND, recv, send) if forward else self.comm.all_to_all_v(rows_ND, send, recv)
+        out_splits, in_splits = (recv, send) if forward else (send, recv)
+        if self.payload_dtype is None:
+            return self.comm.all_to_all_v(rows_ND, out_splits, in_splits)
+        return _Arrival(self.comm.all_to_all_v(rows_ND.to(self.payload_dtype), out_splits, in_splits), self.x_dtype)
 
     def _gather(self, rows_ND: torch.Tensor, c: int) -> torch.Tensor:
         return torch.cat([rows_ND[s] for s in self.plan.send_rows(c)])
@@ -218,14 +243,17 @@ class _PipelinedExperts(torch.autograd.Function):
 
 
 class PipelinedDispatcher:
-    def __init__(self, slot_of_expert_E: torch.Tensor, comm: Communicator, chunks: int):
+    def __init__(
+        self, slot_of_expert_E: torch.Tensor, comm: Communicator, chunks: int, payload_dtype: torch.dtype | None = None
+    ):
         """slot_of_expert_E[e] = rank * L + local index of expert e (a placement map); comm spans
-        the EP group (its size is ep); chunks: pieces the exchanged rows are cut into (>= 1)."""
+        the EP group (its size is ep); chunks: pieces the exchanged rows are cut into (>= 1);
+        payload_dtype: the rows' dtype on the wire (None: the compute dtype, no cast)."""
         if chunks < 1:
             raise ValueError(f"chunks ({chunks}) must be >= 1; chunks=1 exchanges all rows at once")
         self.slot_of_expert_E = slot_of_expert_E
         self.ep, self.comm, self.chunks = comm.size, comm, chunks
-        self.rank = comm.rank
+        self.rank, self.payload_dtype = comm.rank, payload_dtype
         self.local_experts = len(slot_of_expert_E) // self.ep
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
@@ -244,6 +272,6 @@ class PipelinedDispatcher:
 
         params = [p for p in expert_fn.parameters() if p.requires_grad] if isinstance(expert_fn, nn.Module) else []
         needs_grad = torch.is_grad_enabled() and (x_ND.requires_grad or bool(params))
-        pipe = _Pipeline(plan, self.comm, expert_fn, params, x_ND)
+        pipe = _Pipeline(plan, self.comm, expert_fn, params, x_ND, self.payload_dtype)
         y_ND = _PipelinedExperts.apply(pipe, needs_grad, x_ND, *params)
         return unpermute(y_ND, perm, routing.topk_w_TK)
