@@ -130,6 +130,7 @@ class CommConfig:
     # rows first, `chunks` pieces whose exchange overlaps the experts' compute)
     dispatcher: str = "alltoall"
     chunks: int = 2
+    dtype: str = "fp32"  # fp32 | bf16: the rows' dtype on the wire (experts still compute in theirs)
 
 
 @dataclass
@@ -286,6 +287,7 @@ def validate(cfg: Config) -> Config:
     _choice("comm.backend", cfg.comm.backend, ("torch", "mpi"))
     _choice("comm.dispatcher", cfg.comm.dispatcher, ("alltoall", "pipelined"))
     _positive("comm.chunks", cfg.comm.chunks)
+    _choice("comm.dtype", cfg.comm.dtype, ("fp32", "bf16"))
     if cfg.comm.backend == "mpi" and lc.name not in ("local", "mpirun"):
         raise ConfigError(f"comm.backend=mpi needs ranks started by MPI: use launcher=mpirun, not launcher={lc.name}")
     if cfg.comm.backend == "mpi" and cfg.train.device == "cuda":

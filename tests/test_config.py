@@ -60,6 +60,7 @@ def test_overrides_reach_the_dataclasses() -> None:
         (["launcher=torchrun", "launcher.nnodes=2"], "launcher.nnodes=2 needs launcher.rdzv_endpoint"),
         (["comm.dispatcher=tutel"], "comm.dispatcher='tutel' is not one of alltoall, pipelined"),
         (["comm.chunks=0"], "comm.chunks"),
+        (["comm.dtype=fp8"], "comm.dtype='fp8' is not one of fp32, bf16"),
         (["model=huge"], "Could not find 'model/huge' (options: dense_small, moe_small)"),
     ],
 )

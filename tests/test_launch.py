@@ -23,13 +23,15 @@ def _launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def test_torchrun_launcher_trains_two_ranks_with_ep2_in_one_run_dir(tmp_path: Path, text_corpus: Path) -> None:
-    run_dir = tmp_path / "run"
-    proc = _launch("launcher=torchrun", "launcher.nproc_per_node=2", "parallel.ep=2", *TINY, "data=text",
-                   f"data.path={text_corpus}", f"hydra.run.dir={run_dir}")  # fmt: skip
+    run_dir = tmp_path / "run"  # with the pipelined dispatcher and bf16 rows on the wire
+    proc = _launch("launcher=torchrun", "launcher.nproc_per_node=2", "parallel.ep=2", "comm.dispatcher=pipelined",
+                   "comm.dtype=bf16", *TINY, "data=text", f"data.path={text_corpus}",
+                   f"hydra.run.dir={run_dir}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 11))  # rank 0 alone logs: one record per step
     assert sum(records[0]["expert_load"][0]) == 2 * 4 * 32 * 2  # 2 ranks x batch 4 x seq 32 x top-2
+    assert records[-1]["loss"] < records[0]["loss"]
     assert "epmoe.launch: 2 rank(s)" in proc.stderr
 
 

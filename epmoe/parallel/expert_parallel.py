@@ -49,12 +49,14 @@ def apply_expert_parallel(
     placement: str | Placement = "contiguous",
     comm: Communicator | None = None,
     chunks: int | None = None,
+    payload_dtype: torch.dtype | None = None,
 ) -> Placement:
     """Shard every MoE layer of `model` for `rank`; returns the placement installed.
 
     placement: a Placement (one map per MoE layer, no replicas) or a static policy name.
     comm spans the EP group; by default the torch.distributed EP group (dims.build_groups must
     have run). chunks: None installs the plain AllToAllDispatcher, n the PipelinedDispatcher.
+    payload_dtype: the rows' dtype on the wire (None: as computed).
     """
     comm = comm or TorchCommunicator(dims.ep_group)
     layers = moe_layers(model)
@@ -62,13 +64,19 @@ def apply_expert_parallel(
         placement = static_placement(placement, dims.num_experts, dims.ep, len(layers))
     for y, moe in enumerate(layers):
         shard_experts(moe, placement.experts_on_rank(y, dims.ep_rank(rank)))
-        install_dispatcher(moe, placement.slot_of_expert_E(y), comm, chunks)
+        install_dispatcher(moe, placement.slot_of_expert_E(y), comm, chunks, payload_dtype)
     return placement
 
 
-def install_dispatcher(moe: MoE, slot_of_expert_E: torch.Tensor, comm: Communicator, chunks: int | None) -> None:
+def install_dispatcher(
+    moe: MoE,
+    slot_of_expert_E: torch.Tensor,
+    comm: Communicator,
+    chunks: int | None,
+    payload_dtype: torch.dtype | None = None,
+) -> None:
     moe.dispatcher = (
-        AllToAllDispatcher(slot_of_expert_E, comm)
+        AllToAllDispatcher(slot_of_expert_E, comm, payload_dtype)
         if chunks is None
-        else PipelinedDispatcher(slot_of_expert_E, comm, chunks)
+        else PipelinedDispatcher(slot_of_expert_E, comm, chunks, payload_dtype)
     )

@@ -97,7 +97,8 @@ def setup_parallel(cfg: Config, model: Transformer, device: torch.device) -> Par
             raise ConfigError(f"comm.backend=mpi exchanges CPU tensors, but this run is on {device}; use comm=torch")
         comm = ep_communicator(cfg.comm.backend, dims, info.rank)
         chunks = cfg.comm.chunks if cfg.comm.dispatcher == "pipelined" else None
-        placement = apply_expert_parallel(model, dims, info.rank, cfg.placement.policy, comm, chunks)
+        payload = torch.bfloat16 if cfg.comm.dtype == "bf16" else None
+        placement = apply_expert_parallel(model, dims, info.rank, cfg.placement.policy, comm, chunks, payload)
         if cfg.placement.rebalance_every > 0:
             rebalancer = Rebalancer(cfg.placement.policy, cfg.placement.rebalance_every, placement,
                                     dims.ep_rank(info.rank), info.is_main, comm)  # fmt: skip
