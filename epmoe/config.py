@@ -40,6 +40,9 @@ class ModelConfig:
     n_shared_experts: int = 0
     shared_hidden: int = 256  # hidden size of each shared expert
     expert_impl: str = "auto"  # auto | grouped | loop | fused  (loop = the kept reference path)
+    # BigMac-style low-dimensional exchange: project D -> exchange_dim before dispatch and back
+    # after combine, so the all-to-all and the routed experts run at that width. 0 = off
+    exchange_dim: int = 0
     tie_embeddings: bool = True
 
 
@@ -199,6 +202,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.num_experts, first_dense_layers and n_shared_experts must be >= 0")
     _positive("model.dense_hidden", m.dense_hidden)
     _positive("model.expert_hidden", m.expert_hidden)
+    if not 0 <= m.exchange_dim <= m.d_model:
+        raise ConfigError(f"model.exchange_dim ({m.exchange_dim}) must be in [0, model.d_model={m.d_model}] (0 = off)")
     _positive("model.shared_hidden", m.shared_hidden)
     _choice("model.activation", m.activation, ("swiglu", "gelu"))
     _choice("model.expert_impl", m.expert_impl, ("auto", "grouped", "loop", "fused"))

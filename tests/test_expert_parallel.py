@@ -136,11 +136,11 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_di
 
 
 @pytest.mark.parametrize(
-    ("world", "ep", "aux", "dispatcher"),
-    [(2, 2, "batch", "alltoall"), (2, 2, "sequence", "pipelined"), (4, 2, "batch", "pipelined")],
+    ("world", "ep", "aux", "dispatcher", "exchange_dim"),
+    [(2, 2, "batch", "alltoall", 0), (2, 2, "sequence", "pipelined", 32), (4, 2, "batch", "pipelined", 0)],
 )
 def test_ep_training_matches_single_process_losses(
-    world: int, ep: int, aux: str, dispatcher: str, tmp_path: Path, text_corpus: Path
+    world: int, ep: int, aux: str, dispatcher: str, exchange_dim: int, tmp_path: Path, text_corpus: Path
 ) -> None:
     import json
 
@@ -149,13 +149,15 @@ def test_ep_training_matches_single_process_losses(
 
     from .conftest import TINY
 
-    base = [*TINY, "data=text", f"data.path={text_corpus}", *EP_TRAIN, f"router.aux_loss={aux}"]
+    base = [*TINY, "data=text", f"data.path={text_corpus}", *EP_TRAIN, f"router.aux_loss={aux}",
+            f"model.exchange_dim={exchange_dim}"]  # fmt: skip
     single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
     out = tmp_path / "ep.json"
     overrides = [*base, f"parallel.ep={ep}", f"comm.dispatcher={dispatcher}", "comm.chunks=3"]
     mp.spawn(_train_worker, args=(world, free_port(), overrides, str(tmp_path / "ep"), str(out)), nprocs=world)
     ep_result = json.loads(out.read_text())
     assert len(ep_result["losses"]) == 20
+    assert ep_result["losses"][-1] < ep_result["losses"][0]  # it trains (with exchange_dim too)
     for step, (a, b) in enumerate(zip(single.losses, ep_result["losses"]), 1):
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: single {a} vs ep {b}"
     assert ep_result["val"] == pytest.approx(single.val_loss, rel=1e-5)

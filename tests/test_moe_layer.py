@@ -396,3 +396,32 @@ def test_combine_and_permute_are_exact_when_split_into_many_token_blocks(monkeyp
     x_TD = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     w_TK.requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w: unpermute(permute(x, perm) * 2.0, perm, w), (x_TD, w_TK))
+
+
+def test_exchange_dim_runs_the_routed_experts_at_width_x_with_gradients_everywhere():
+    cfg = ModelConfig(d_model=16, num_experts=4, expert_hidden=8, n_shared_experts=1, shared_hidden=8,
+                      exchange_dim=6, expert_impl="loop")  # fmt: skip
+    torch.manual_seed(0)
+    moe = MoE(cfg, RouterConfig(top_k=2))
+    assert tuple(moe.experts.w_gate_EDF.shape) == (4, 6, 8)  # [E, X, F]: the experts see width X
+    assert tuple(moe.descend.weight.shape) == (6, 16) and tuple(moe.ascend.weight.shape) == (16, 6)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y, routing = moe(x)
+    assert y.shape == (2, 5, 16)
+    (y.square().sum() + routing.aux_loss).backward()
+    for name, p in moe.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+def test_exchange_dim_with_identity_projections_equals_the_plain_layer():
+    plain_cfg = ModelConfig(d_model=8, num_experts=4, expert_hidden=8, n_shared_experts=0, expert_impl="loop")
+    torch.manual_seed(0)
+    plain = MoE(plain_cfg, RouterConfig(top_k=2))
+    wide = MoE(dataclasses.replace(plain_cfg, exchange_dim=8), RouterConfig(top_k=2))
+    wide.load_state_dict(plain.state_dict(), strict=False)  # router and experts; projections stay
+    with torch.no_grad():
+        wide.descend.weight.copy_(torch.eye(8))
+        wide.ascend.weight.copy_(torch.eye(8))
+    x = torch.randn(3, 4, 8)
+    torch.testing.assert_close(wide(x)[0], plain(x)[0], atol=1e-6, rtol=1e-6)

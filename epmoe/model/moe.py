@@ -1,15 +1,20 @@
 """The MoE feed-forward layer: router -> dispatcher(experts) -> combine, plus shared experts.
 
-Shape key: B sequences, S sequence length, T = B*S tokens, D model width.
+Shape key: B sequences, S sequence length, T = B*S tokens, D model width, X exchange width.
 
 1. the router picks top-k experts per token and their weights (and balancing losses);
 2. the dispatcher sorts (token, choice) pairs into per-expert segments, runs the experts
    and sums the weighted outputs back per token (LocalDispatcher here; expert parallelism
    swaps in an all-to-all dispatcher from outside);
 3. shared experts (always on, DeepSeekMoE) see every token and are added.
+With `exchange_dim` X > 0 (BigMac: descend, communicate, compute, communicate, ascend) the
+tokens are projected D -> X before step 2 and the routed output X -> D after it: the
+exchange and the routed experts run at width X. The router and shared experts see width D.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -24,9 +29,16 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, out_init_scale: float = 1.0):
         super().__init__()
         self.router = Router(cfg.d_model, cfg.num_experts, router_cfg)
+        width = cfg.exchange_dim or cfg.d_model  # what the routed experts see
         self.experts = GroupedExperts(
-            cfg.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation, cfg.expert_impl, out_init_scale
+            cfg.num_experts, width, cfg.expert_hidden, cfg.activation, cfg.expert_impl, out_init_scale
         )
+        self.descend = self.ascend = None
+        if cfg.exchange_dim:
+            self.descend = nn.Linear(cfg.d_model, width, bias=False)
+            self.ascend = nn.Linear(width, cfg.d_model, bias=False)
+            nn.init.normal_(self.descend.weight, std=1 / math.sqrt(cfg.d_model))
+            nn.init.normal_(self.ascend.weight, std=out_init_scale / math.sqrt(width))
         # n shared experts of hidden h are one MLP of hidden n*h (DeepSeekMoE)
         self.shared = (
             MLP(cfg.d_model, cfg.n_shared_experts * cfg.shared_hidden, cfg.activation, out_init_scale)
@@ -39,7 +51,10 @@ class MoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD, seq_len=S)
-        y_TD = self.dispatcher(x_TD, routing, self.experts)
+        if self.descend is None:
+            y_TD = self.dispatcher(x_TD, routing, self.experts)
+        else:
+            y_TD = self.ascend(self.dispatcher(self.descend(x_TD), routing, self.experts))  # (T, X) -> (T, D)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.view(B, S, D).to(x_BSD.dtype), routing
