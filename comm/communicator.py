@@ -25,10 +25,11 @@ class Handle(Protocol):
 
 
 class _Pending:
-    """A handle: `wait()` finishes the exchange (if `finish` is given) and returns its result."""
+    """A handle: `wait()` finishes the exchange (if `finish` is given) and returns its result.
+    `future` (torch.distributed only) completes when the exchange does, without waiting."""
 
-    def __init__(self, result: torch.Tensor, finish=None):
-        self.result, self.finish = result, finish
+    def __init__(self, result: torch.Tensor, finish=None, future: torch.futures.Future | None = None):
+        self.result, self.finish, self.future = result, finish, future
 
     def wait(self) -> torch.Tensor:
         if self.finish is not None:
@@ -54,7 +55,7 @@ class TorchCommunicator:
         y_MD = x_ND.new_empty(sum(output_splits), *x_ND.shape[1:])
         work = dist.all_to_all_single(y_MD, x_ND.contiguous(), output_splits, input_splits, group=self.group,
                                       async_op=True)  # fmt: skip
-        return _Pending(y_MD, work.wait)
+        return _Pending(y_MD, work.wait, work.get_future())
 
     def all_reduce_sum_(self, tensor) -> Handle:
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)

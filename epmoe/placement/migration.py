@@ -70,10 +70,9 @@ def migrate_layer(
             got_LX = comm.all_to_all_v(rows_LX, output_splits, input_splits).wait()
             t[recv_local_L] = got_LX.view_as(t)
             sent_bytes += moved_rows * rows_LX[0].numel() * rows_LX.element_size()
-    old_dispatcher = moe.dispatcher
-    install_dispatcher(
-        moe, new_slot_E, comm, getattr(old_dispatcher, "chunks", None), getattr(old_dispatcher, "payload_dtype", None)
-    )
+    previous = moe.dispatcher  # the new one keeps its communicator (and any timing wrapper around it)
+    chunks, payload = getattr(previous, "chunks", None), getattr(previous, "payload_dtype", None)
+    install_dispatcher(moe, new_slot_E, previous.comm, chunks, payload)
     return sent_bytes
 
 
