@@ -135,9 +135,14 @@ class _Pipeline:
         params: list[torch.Tensor],
         x_ND: torch.Tensor,
         payload_dtype: torch.dtype | None,
+        side: nn.Module | None = None,
     ):
         self.plan, self.comm, self.expert_fn, self.params = plan, comm, expert_fn, params
         self.payload_dtype = payload_dtype
+        # a module computed while chunk 0 travels (the shared experts), with its own graph
+        self.side = side
+        self.side_params = [p for p in side.parameters() if p.requires_grad] if side is not None else []
+        self.side_graph: tuple[torch.Tensor, torch.Tensor] | None = None
         C = len(plan.send_CRL)
         # expert counts of the local rows (index C) and of each chunk's received rows (0..C-1)
         counts_L_list = [[sum(col) for col in zip(*recv_RL)] for recv_RL in plan.recv_CRL] + [plan.local_L]
@@ -175,10 +180,31 @@ class _Pipeline:
             self.graphs[index] = (leaf_MD, y_MD)
         return y_MD.detach()
 
-    def forward(self, x_ND: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+    def _side_forward(self, side_in_TD: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+        if self.side is None:
+            return side_in_TD.new_empty(0)
+        with torch.set_grad_enabled(needs_grad):
+            leaf_TD = side_in_TD.detach().requires_grad_(needs_grad)
+            out_TD = self.side(leaf_TD)
+        if needs_grad:
+            self.side_graph = (leaf_TD, out_TD)
+        return out_TD.detach()
+
+    def _side_backward(self, g_TD: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(input gradient, parameter gradients) of the side module's graph."""
+        if self.side_graph is None:
+            return None, [torch.zeros_like(p) for p in self.side_params]
+        (leaf_TD, out_TD), self.side_graph = self.side_graph, None
+        d_in, *d_params = torch.autograd.grad(out_TD, [leaf_TD, *self.side_params], g_TD, allow_unused=True)
+        return d_in, [torch.zeros_like(p) if d is None else d for p, d in zip(self.side_params, d_params)]
+
+    def forward(
+        self, x_ND: torch.Tensor, side_in_TD: torch.Tensor, needs_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         plan, C = self.plan, self.chunks
         y_ND = x_ND.new_empty(x_ND.shape)
         sending = self._issue(self._gather(x_ND, 0), 0, forward=True)
+        side_out_TD = self._side_forward(side_in_TD, needs_grad)  # while chunk 0 travels
         y_local = self._compute(x_ND[plan.local_rows()], [plan.local_L], C, needs_grad)
         returning = []
         for c in range(C):
@@ -189,7 +215,7 @@ class _Pipeline:
         y_ND[plan.local_rows()] = y_local
         for c, handle in enumerate(returning):
             self._scatter(y_ND, handle.wait(), c)
-        return y_ND
+        return y_ND, side_out_TD
 
     def _differentiate(self, g_MD: torch.Tensor, index: int, grads: list[torch.Tensor | None]) -> torch.Tensor:
         """Input gradient of expert call `index` (C: the local rows); adds its parameter gradients to `grads`."""
@@ -203,11 +229,13 @@ class _Pipeline:
                 grads[i] = dp if grads[i] is None else grads[i] + dp
         return dx_MD if dx_MD is not None else torch.zeros_like(leaf_MD)
 
-    def backward(self, g_ND: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def backward(self, g_ND: torch.Tensor, g_side_TD: torch.Tensor):
+        """(dx_ND, d side input, expert parameter grads, side parameter grads)."""
         plan, C = self.plan, self.chunks
         grads: list[torch.Tensor | None] = [None] * len(self.params)
         dx_ND = g_ND.new_empty(g_ND.shape, dtype=self.x_dtype)
         sending = self._issue(self._gather(g_ND, 0), 0, forward=True)
+        d_side_in, side_grads = self._side_backward(g_side_TD)  # while chunk 0's gradients travel
         dx_local = self._differentiate(g_ND[plan.local_rows()], C, grads)
         returning = []
         for c in range(C):
@@ -219,27 +247,29 @@ class _Pipeline:
         for c, handle in enumerate(returning):
             self._scatter(dx_ND, handle.wait(), c)
         # a rank that computed no rows still owes each expert parameter a (zero) gradient
-        return dx_ND, [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        expert_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        return dx_ND, d_side_in, expert_grads, side_grads
 
 
 class _PipelinedExperts(torch.autograd.Function):
-    """y_ND = the experts' outputs for x_ND's rows, wherever the experts live.
+    """(y_ND, side_TD): the experts' outputs for x_ND's rows, wherever the experts live, and the
+    side module's output for side_in_TD (empty without one), computed while chunk 0 travels.
 
-    The expert parameters are inputs so that their gradients are returned from backward
-    (torch.autograd.grad(loss, params) works), never accumulated into .grad on the side.
+    The expert and side parameters are inputs so that their gradients are returned from
+    backward (torch.autograd.grad(loss, params) works), never accumulated into .grad on the side.
     """
 
     @staticmethod
-    def forward(ctx, pipe: _Pipeline, needs_grad: bool, x_ND: torch.Tensor, *params: torch.Tensor):  # noqa: D102
+    def forward(ctx, pipe: _Pipeline, needs_grad: bool, x_ND, side_in_TD, *params: torch.Tensor):  # noqa: D102
         ctx.pipe = pipe
-        return pipe.forward(x_ND, needs_grad)
+        return pipe.forward(x_ND, side_in_TD, needs_grad)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_ND: torch.Tensor):  # noqa: D102
+    def backward(ctx, g_ND: torch.Tensor, g_side_TD: torch.Tensor):  # noqa: D102
         pipe, ctx.pipe = ctx.pipe, None  # drop the chunk graphs once used
-        dx_ND, grads = pipe.backward(g_ND.contiguous())
-        return None, None, dx_ND, *grads
+        dx_ND, d_side_in, expert_grads, side_grads = pipe.backward(g_ND.contiguous(), g_side_TD)
+        return None, None, dx_ND, d_side_in, *expert_grads, *side_grads
 
 
 class PipelinedDispatcher:
@@ -259,6 +289,18 @@ class PipelinedDispatcher:
     def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
         """x_TD: (T, D) tokens; expert_fn(x_ND, counts_L) -> y_ND computes this rank's L local
         experts (an nn.Module's parameters get gradients); returns y_TD (T, D)."""
+        return self.dispatch_with_overlap(x_TD, routing, expert_fn)[0]
+
+    def dispatch_with_overlap(
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        expert_fn: ExpertFn,
+        side: nn.Module | None = None,
+        side_in: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As __call__, and `side(side_in)` (the shared experts) computed while the first chunk
+        is in flight, forward and backward; returns (y_TD, side's output or None)."""
         R, L = self.ep, self.local_experts
         slots_TK = self.slot_of_expert_E.to(routing.topk_idx_TK.device)[routing.topk_idx_TK]
         perm = make_permutation(slots_TK, routing.keep_TK, R * L)
@@ -271,7 +313,10 @@ class PipelinedDispatcher:
         plan = _Plan.build(send_RL, recv_RL, self.rank, self.chunks)
 
         params = [p for p in expert_fn.parameters() if p.requires_grad] if isinstance(expert_fn, nn.Module) else []
-        needs_grad = torch.is_grad_enabled() and (x_ND.requires_grad or bool(params))
-        pipe = _Pipeline(plan, self.comm, expert_fn, params, x_ND, self.payload_dtype)
-        y_ND = _PipelinedExperts.apply(pipe, needs_grad, x_ND, *params)
-        return unpermute(y_ND, perm, routing.topk_w_TK)
+        pipe = _Pipeline(plan, self.comm, expert_fn, params, x_ND, self.payload_dtype, side)
+        side_in_TD = side_in if side is not None else x_ND.new_empty(0)
+        needs_grad = torch.is_grad_enabled() and (
+            x_ND.requires_grad or side_in_TD.requires_grad or bool(params) or bool(pipe.side_params)
+        )
+        y_ND, side_out = _PipelinedExperts.apply(pipe, needs_grad, x_ND, side_in_TD, *params, *pipe.side_params)
+        return unpermute(y_ND, perm, routing.topk_w_TK), (side_out if side is not None else None)

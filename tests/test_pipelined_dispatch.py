@@ -166,14 +166,26 @@ class _RecordingComm:
 
 class _LogBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y: torch.Tensor, log: list[str]) -> torch.Tensor:  # noqa: D102
-        ctx.log = log
+    def forward(ctx, y: torch.Tensor, log: list[str], label: str) -> torch.Tensor:  # noqa: D102
+        ctx.log, ctx.label = log, label
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # noqa: D102
-        ctx.log.append("experts backward")
-        return g, None
+        ctx.log.append(f"{ctx.label} backward")
+        return g, None, None
+
+
+class _RecordingShared(nn.Module):
+    """The layer's shared experts, logging each call and each call's backward."""
+
+    def __init__(self, shared: nn.Module, log: list[str]):
+        super().__init__()
+        self.inner, self.log = shared, log
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        self.log.append("shared")
+        return _LogBackward.apply(self.inner(x_TD), self.log, "shared")
 
 
 class _RecordingExperts(nn.Module):
@@ -185,19 +197,19 @@ class _RecordingExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
         self.log.append("experts")
-        return _LogBackward.apply(self.inner(x_ND, counts_L), self.log)
+        return _LogBackward.apply(self.inner(x_ND, counts_L), self.log, "experts")
 
 
 # chunks = 3. All-to-alls in issue order: 0 the counts, 1 chunk 0's rows, 2 chunk 1's rows,
 # 3 chunk 0's outputs back, 4 chunk 2's rows, 5 chunk 1's outputs back, 6 chunk 2's outputs back
 FORWARD = ["issue 0", "wait 0",  # the counts (the one host sync)
-           "issue 1", "experts",  # chunk 0 travels while the local rows compute
+           "issue 1", "shared", "experts",  # chunk 0 travels while the shared experts and local rows compute
            "wait 1", "issue 2", "experts", "issue 3",  # chunk 1 travels while chunk 0 computes
            "wait 2", "issue 4", "experts", "issue 5",  # chunk 2 and chunk 0's outputs travel while 1 computes
            "wait 4", "experts", "issue 6",
            "wait 3", "wait 5", "wait 6"]  # fmt: skip
 # backward, the same pipeline on gradients: 7, 8, 10 output gradients of chunks 0, 1, 2; 9, 11, 12 their dx
-BACKWARD = ["issue 7", "experts backward",  # chunk 0's gradients travel during the local rows' backward
+BACKWARD = ["issue 7", "shared backward", "experts backward",  # chunk 0's gradients travel meanwhile
             "wait 7", "issue 8", "experts backward", "issue 9",
             "wait 8", "issue 10", "experts backward", "issue 11",  # chunk 0's dx travels during chunk 1's
             "wait 10", "experts backward", "issue 12",
@@ -207,10 +219,11 @@ BACKWARD = ["issue 7", "experts backward",  # chunk 0's gradients travel during 
 def _order_worker(rank: int, world: int, store: str) -> None:
     dims, comm = _setup(rank, world, store)
     log: list[str] = []
-    moe = _layer(2, 0, None)
+    moe = _layer(2, 1, None)
     apply_expert_parallel(moe, dims, rank, comm=comm)
     moe.dispatcher = PipelinedDispatcher(moe.dispatcher.slot_of_expert_E, _RecordingComm(comm, log), chunks=3)
     moe.experts = _RecordingExperts(moe.experts, log)
+    moe.shared = _RecordingShared(moe.shared, log)
     x = torch.randn(1, 40, D, generator=torch.Generator().manual_seed(rank)).requires_grad_()
     y, _ = moe(x)
     assert log == FORWARD, f"rank {rank}: {log}"

@@ -6,7 +6,8 @@ Shape key: B sequences, S sequence length, T = B*S tokens, D model width, X exch
 2. the dispatcher sorts (token, choice) pairs into per-expert segments, runs the experts
    and sums the weighted outputs back per token (LocalDispatcher here; expert parallelism
    swaps in an all-to-all dispatcher from outside);
-3. shared experts (always on, DeepSeekMoE) see every token and are added.
+3. shared experts (always on, DeepSeekMoE) see every token and are added; a dispatcher that
+   exchanges (`dispatch_with_overlap`) computes them while its first chunk of tokens travels.
 With `exchange_dim` X > 0 (BigMac: descend, communicate, compute, communicate, ascend) the
 tokens are projected D -> X before step 2 and the routed output X -> D after it: the
 exchange and the routed experts run at width X. The router and shared experts see width D.
@@ -51,10 +52,15 @@ class MoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD, seq_len=S)
-        if self.descend is None:
-            y_TD = self.dispatcher(x_TD, routing, self.experts)
+        routed_in = x_TD if self.descend is None else self.descend(x_TD)  # (T, D) -> (T, X)
+        if self.shared is not None and hasattr(self.dispatcher, "dispatch_with_overlap"):
+            # a dispatcher that exchanges computes the shared experts while its tokens travel
+            y_TD, shared_TD = self.dispatcher.dispatch_with_overlap(routed_in, routing, self.experts, self.shared, x_TD)
         else:
-            y_TD = self.ascend(self.dispatcher(self.descend(x_TD), routing, self.experts))  # (T, X) -> (T, D)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            y_TD = self.dispatcher(routed_in, routing, self.experts)
+            shared_TD = self.shared(x_TD) if self.shared is not None else None
+        if self.ascend is not None:
+            y_TD = self.ascend(y_TD)  # (T, X) -> (T, D)
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
         return y_TD.view(B, S, D).to(x_BSD.dtype), routing
