@@ -26,16 +26,18 @@ from epmoe.model.dispatch import ExpertFn
 from epmoe.model.experts import compute_dtype
 from epmoe.model.permute import make_permutation, permute, unpermute
 from epmoe.model.router import Routing
+from epmoe.placement.slot_map import SlotMap
 
 
 class AllToAllDispatcher:
-    def __init__(self, slot_of_expert_E: torch.Tensor, comm: Communicator, payload_dtype: torch.dtype | None = None):
-        """slot_of_expert_E[e] = rank * L + local index of expert e (a placement map);
+    def __init__(self, slots: SlotMap | torch.Tensor, comm: Communicator, payload_dtype: torch.dtype | None = None):
+        """slots: where each (token, choice) goes (a SlotMap, or slot_of_expert_E[e] = rank * L +
+        local index of expert e for a placement without replicas);
         comm spans the EP group (its size is ep); payload_dtype: the rows' dtype on the wire
         (None: the compute dtype, no cast)."""
-        self.slot_of_expert_E = slot_of_expert_E
+        self.slot_map = SlotMap.of(slots, comm.size, comm.rank)
         self.ep, self.comm = comm.size, comm
-        self.local_experts = len(slot_of_expert_E) // self.ep
+        self.local_experts = self.slot_map.slots_per_rank  # local slots (replicas included)
         self.payload_dtype = payload_dtype
 
     def _exchange(self, rows: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
@@ -43,9 +45,13 @@ class AllToAllDispatcher:
         wire = self.payload_dtype or rows.dtype
         return all_to_all_v(rows.to(wire), output_splits, input_splits, self.comm).to(rows.dtype)
 
+    @property
+    def slot_of_expert_E(self) -> torch.Tensor:
+        return self.slot_map.slot_of_expert_E
+
     def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
         R, L = self.ep, self.local_experts
-        slots_TK = self.slot_of_expert_E.to(routing.topk_idx_TK.device)[routing.topk_idx_TK]
+        slots_TK = self.slot_map(routing.topk_idx_TK)
         perm = make_permutation(slots_TK, routing.keep_TK, R * L)
         x_ND = permute(x_TD.to(compute_dtype(x_TD)), perm)
 

@@ -42,6 +42,7 @@ from epmoe.model.dispatch import ExpertFn
 from epmoe.model.experts import compute_dtype
 from epmoe.model.permute import make_permutation, permute, unpermute
 from epmoe.model.router import Routing
+from epmoe.placement.slot_map import SlotMap
 
 
 def split_counts(counts_L: list[int], chunks: int) -> list[list[int]]:
@@ -274,17 +275,26 @@ class _PipelinedExperts(torch.autograd.Function):
 
 class PipelinedDispatcher:
     def __init__(
-        self, slot_of_expert_E: torch.Tensor, comm: Communicator, chunks: int, payload_dtype: torch.dtype | None = None
+        self,
+        slots: SlotMap | torch.Tensor,
+        comm: Communicator,
+        chunks: int,
+        payload_dtype: torch.dtype | None = None,
     ):
-        """slot_of_expert_E[e] = rank * L + local index of expert e (a placement map); comm spans
+        """slots: where each (token, choice) goes (a SlotMap, or slot_of_expert_E[e] = rank * L +
+        local index of expert e for a placement without replicas); comm spans
         the EP group (its size is ep); chunks: pieces the exchanged rows are cut into (>= 1);
         payload_dtype: the rows' dtype on the wire (None: the compute dtype, no cast)."""
         if chunks < 1:
             raise ValueError(f"chunks ({chunks}) must be >= 1; chunks=1 exchanges all rows at once")
-        self.slot_of_expert_E = slot_of_expert_E
+        self.slot_map = SlotMap.of(slots, comm.size, comm.rank)
         self.ep, self.comm, self.chunks = comm.size, comm, chunks
         self.rank, self.payload_dtype = comm.rank, payload_dtype
-        self.local_experts = len(slot_of_expert_E) // self.ep
+        self.local_experts = self.slot_map.slots_per_rank  # local slots (replicas included)
+
+    @property
+    def slot_of_expert_E(self) -> torch.Tensor:
+        return self.slot_map.slot_of_expert_E
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
         """x_TD: (T, D) tokens; expert_fn(x_ND, counts_L) -> y_ND computes this rank's L local
@@ -302,7 +312,7 @@ class PipelinedDispatcher:
         """As __call__, and `side(side_in)` (the shared experts) computed while the first chunk
         is in flight, forward and backward; returns (y_TD, side's output or None)."""
         R, L = self.ep, self.local_experts
-        slots_TK = self.slot_of_expert_E.to(routing.topk_idx_TK.device)[routing.topk_idx_TK]
+        slots_TK = self.slot_map(routing.topk_idx_TK)
         perm = make_permutation(slots_TK, routing.keep_TK, R * L)
         x_ND = permute(x_TD.to(compute_dtype(x_TD)), perm)
 

@@ -240,3 +240,31 @@ def test_affinity_greedy_takes_balanced_groups_when_following_affinity_overloads
         assert placement.experts_on_rank(1, rank_of(placement, 0, 0)).tolist() == [0, 2, 4]
         assert placement.colocation(cooc_YEE) == pytest.approx(120 / 210)
     assert "layers [1] took balanced groups" in placement.origin
+
+
+# --- slot maps: where a rank sends each (token, choice) ---
+
+
+def test_slot_map_without_replicas_is_the_slot_of_each_expert() -> None:
+    from epmoe.placement.slot_map import SlotMap
+
+    slots = SlotMap.from_slot_of_expert(torch.tensor([2, 0, 3, 1]), ep=2, rank=1)
+    assert not slots.has_replicas and slots.slots_per_rank == 2
+    assert slots(torch.tensor([[0, 1], [3, 2]])).tolist() == [[2, 0], [1, 3]]
+
+
+def test_slot_map_prefers_the_own_replica_then_spreads_over_the_others() -> None:
+    from epmoe.placement.slot_map import SlotMap
+
+    # ep 3, 2 slots per rank: rank 0 holds experts 0, 1; rank 1 holds 0, 2; rank 2 holds 3, 1
+    expert_of_slot = torch.tensor([0, 1, 0, 2, 3, 1])
+    on_rank1 = SlotMap(expert_of_slot, ep=3, rank=1)
+    assert on_rank1.replicas_E.tolist() == [2, 2, 1, 1]
+    # expert 0 has a replica here (slot 2); expert 1 does not: its pairs alternate between slots 1 and 5
+    assert on_rank1(torch.tensor([[0, 1], [1, 3], [0, 1]])).tolist() == [[2, 5], [1, 4], [2, 5]]
+    on_rank2 = SlotMap(expert_of_slot, ep=3, rank=2)
+    # expert 0 has no replica on rank 2: pairs 0, 1, 2, 3 (t * K + k) go to slots 0, 2, 0, 2
+    assert on_rank2(torch.tensor([[0, 0], [0, 0]])).tolist() == [[0, 2], [0, 2]]
+    assert on_rank2(torch.tensor([[1, 3]])).tolist() == [[5, 4]]  # its own replica of 1, its 3
+    with pytest.raises(ValueError, match=r"experts \[2\] have no slot"):
+        SlotMap(torch.tensor([0, 1, 0, 3]), ep=2, rank=0, num_experts=4)

@@ -14,8 +14,9 @@ from epmoe.comm.dispatch import AllToAllDispatcher
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.pipelined import PipelinedDispatcher
 from epmoe.model.moe import MoE
-from epmoe.placement.placement import Placement
+from epmoe.placement.placement import Placement, RoutingStats
 from epmoe.placement.policies import PLACEMENTS
+from epmoe.placement.slot_map import SlotMap
 
 EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
@@ -34,12 +35,18 @@ def shard_experts(moe: MoE, local_ids_L: torch.Tensor) -> None:
     experts.num_experts = len(local_ids_L)
 
 
-def static_placement(policy: str, num_experts: int, ep: int, num_layers: int) -> Placement:
-    """The placement a run starts from: `policy` if it reads no routing statistics, else
-    contiguous (load-following policies take over at the first re-placement)."""
+def static_placement(policy: str, num_experts: int, ep: int, num_layers: int, slots_per_rank: int = 0) -> Placement:
+    """The placement a run starts from: `policy` if it reads no routing statistics; else, before
+    any routing was seen, contiguous, or for `redundant` its layout under a uniform load (the
+    load-following policies take over at the first re-placement).
+    slots_per_rank: local slots (0 = num_experts / ep; more holds replicas, `redundant` only)."""
+    slots = slots_per_rank or num_experts // ep
+    if policy == "redundant":
+        uniform = RoutingStats(torch.ones(num_layers, num_experts))
+        return PLACEMENTS["redundant"](num_experts, ep, slots, uniform, num_layers)
     if policy not in ("contiguous", "round_robin"):
         policy = "contiguous"
-    return PLACEMENTS[policy](num_experts, ep, num_experts // ep, None, num_layers)
+    return PLACEMENTS[policy](num_experts, ep, slots, None, num_layers)
 
 
 def apply_expert_parallel(
@@ -50,10 +57,12 @@ def apply_expert_parallel(
     comm: Communicator | None = None,
     chunks: int | None = None,
     payload_dtype: torch.dtype | None = None,
+    slots_per_rank: int = 0,
 ) -> Placement:
     """Shard every MoE layer of `model` for `rank`; returns the placement installed.
 
-    placement: a Placement (one map per MoE layer, no replicas) or a static policy name.
+    placement: a Placement (one map per MoE layer; replicas allowed) or a policy name (see
+    `static_placement`, which also reads slots_per_rank).
     comm spans the EP group; by default the torch.distributed EP group (dims.build_groups must
     have run). chunks: None installs the plain AllToAllDispatcher, n the PipelinedDispatcher.
     payload_dtype: the rows' dtype on the wire (None: as computed).
@@ -61,22 +70,24 @@ def apply_expert_parallel(
     comm = comm or TorchCommunicator(dims.ep_group)
     layers = moe_layers(model)
     if isinstance(placement, str):
-        placement = static_placement(placement, dims.num_experts, dims.ep, len(layers))
+        placement = static_placement(placement, dims.num_experts, dims.ep, len(layers), slots_per_rank)
+    ep_rank = dims.ep_rank(rank)
     for y, moe in enumerate(layers):
-        shard_experts(moe, placement.experts_on_rank(y, dims.ep_rank(rank)))
-        install_dispatcher(moe, placement.slot_of_expert_E(y), comm, chunks, payload_dtype)
+        shard_experts(moe, placement.experts_on_rank(y, ep_rank))  # replicas are copies of their expert
+        slots = SlotMap(placement.expert_of_slot_YS[y], dims.ep, ep_rank, dims.num_experts)
+        install_dispatcher(moe, slots, comm, chunks, payload_dtype)
     return placement
 
 
 def install_dispatcher(
     moe: MoE,
-    slot_of_expert_E: torch.Tensor,
+    slots: SlotMap | torch.Tensor,
     comm: Communicator,
     chunks: int | None,
     payload_dtype: torch.dtype | None = None,
 ) -> None:
     moe.dispatcher = (
-        AllToAllDispatcher(slot_of_expert_E, comm, payload_dtype)
+        AllToAllDispatcher(slots, comm, payload_dtype)
         if chunks is None
-        else PipelinedDispatcher(slot_of_expert_E, comm, chunks, payload_dtype)
+        else PipelinedDispatcher(slots, comm, chunks, payload_dtype)
     )

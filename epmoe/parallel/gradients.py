@@ -35,14 +35,22 @@ def reduce_gradients(model: nn.Module, dims: ParallelDims) -> None:
             all_reduce_sum_(p.grad, group).div_(dims.world)
 
 
-def clip_global_norm_(model: nn.Module, dims: ParallelDims, max_norm: float) -> float:
-    """Clip all gradients to one global norm (inf = only measure); returns the norm."""
+def clip_global_norm_(
+    model: nn.Module, dims: ParallelDims, max_norm: float, row_weights: dict[nn.Parameter, torch.Tensor] | None = None
+) -> float:
+    """Clip all gradients to one global norm (inf = only measure); returns the norm.
+    row_weights: per-row weights of stacked expert weights holding replicas (replicas.py)."""
     replicated, expert = split_params(model)
+    row_weights = row_weights or {}
     sq = torch.zeros(2, dtype=torch.float64)
     for i, params in enumerate((replicated, expert)):
         for p in params:
-            if p.grad is not None:
-                sq[i] += p.grad.detach().double().square().sum()
+            if p.grad is None:
+                continue
+            sq_rows = p.grad.detach().double().square()
+            if p in row_weights:  # [L, ...] rows of replicated experts count 1 / replicas each
+                sq_rows = sq_rows.flatten(1).sum(1) * row_weights[p].to(sq_rows.device)
+            sq[i] += sq_rows.sum().cpu()
     all_reduce_sum_(sq[1:], dims.ep_group)  # every expert once: across the EP group only
     total = sq.sum().sqrt().item()
     if total > max_norm:

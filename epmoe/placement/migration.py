@@ -11,7 +11,8 @@ Every `rebalance_every` steps the `Rebalancer`
    state such as AdamW's exp_avg / exp_avg_sq) to its new owner with one all-to-all per tensor,
    and installs dispatchers for the new map.
 Placement never changes the math: a run with re-placement computes the same losses as one
-without (tested). Maps with replicas (`redundant`) are not installed by this version.
+without (tested). With replicas (`redundant`) every copy of an expert starts as a copy of the
+same old slot, so replicas stay identical.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from epmoe.model.moe import MoE
 from epmoe.parallel.expert_parallel import EXPERT_WEIGHTS, install_dispatcher
 from epmoe.placement.placement import Placement, RoutingStats
 from epmoe.placement.policies import PLACEMENTS
+from epmoe.placement.slot_map import SlotMap
 
 
 def broadcast_from_rank0(placement: Placement | None, shape: tuple[int, int], is_rank0: bool) -> torch.Tensor:
@@ -45,19 +47,25 @@ def migrate_layer(
 ) -> int:
     """Move `layer`'s experts from `old` to `new` placement on this rank; returns bytes sent away.
 
-    Each rank sends its L old local experts sorted by destination slot (rank, then local index),
-    so rank r receives, from each source rank in turn, its new experts in local order.
+    Every new slot copies its expert from one old slot, the expert's first (a replica is a copy,
+    so any would do). Each rank sends the rows that its old slots source, in new-slot order, so
+    rank r receives, from each source rank in turn, its new slots in local order.
     """
-    L, R = old.slots_per_rank, old.ep
-    old_slot_E, new_slot_E = old.slot_of_expert_E(layer), new.slot_of_expert_E(layer)
-    dest_slot_L = new_slot_E[old.experts_on_rank(layer, ep_rank)]  # where my old experts go
-    send_order_L = dest_slot_L.argsort()
-    input_splits = torch.bincount(dest_slot_L // L, minlength=R).tolist()
-    src_rank_L = old_slot_E[new.experts_on_rank(layer, ep_rank)] // L  # where my new experts come from
+    L, R, E = old.slots_per_rank, old.ep, old.num_experts
+    if new.slots_per_rank != L:
+        raise ValueError(f"re-placement keeps slots per rank ({L}), got a map with {new.slots_per_rank}")
+    old_S, new_S = old.expert_of_slot_YS[layer], new.expert_of_slot_YS[layer]
+    S = len(old_S)
+    first_slot_E = torch.full((E,), S, dtype=torch.int64).scatter_reduce_(0, old_S, torch.arange(S), "amin")
+    source_S = first_slot_E[new_S]  # the old slot each new slot copies
+    sent_to_S = (source_S // L == ep_rank).nonzero().flatten()  # new slots my old slots source, ascending
+    send_rows = source_S[sent_to_S] - ep_rank * L  # ... and my local row for each
+    input_splits = torch.bincount(sent_to_S // L, minlength=R).tolist()
+    src_rank_L = source_S[ep_rank * L : (ep_rank + 1) * L] // L  # where each of my new slots comes from
     recv_local_L = (src_rank_L * L + torch.arange(L)).argsort()  # local index of each received row
     output_splits = torch.bincount(src_rank_L, minlength=R).tolist()
 
-    moved_rows = L - input_splits[ep_rank]
+    moved_rows = len(sent_to_S) - input_splits[ep_rank]
     sent_bytes = 0
     for name in EXPERT_WEIGHTS:
         param = getattr(moe.experts, name)
@@ -66,13 +74,13 @@ def migrate_layer(
         state = optimizer.state.get(param, {})
         tensors = [param.data] + [t for t in state.values() if torch.is_tensor(t) and t.shape == param.shape]
         for t in tensors:  # the weight, then its per-expert optimizer state (same shape)
-            rows_LX = t[send_order_L].reshape(L, -1)  # [L, D, F] -> [L, D*F]
-            got_LX = comm.all_to_all_v(rows_LX, output_splits, input_splits).wait()
-            t[recv_local_L] = got_LX.view_as(t)
-            sent_bytes += moved_rows * rows_LX[0].numel() * rows_LX.element_size()
+            rows_NX = t[send_rows].reshape(len(send_rows), t[0].numel())  # [N, D, F] -> [N, D*F]
+            got_LX = comm.all_to_all_v(rows_NX, output_splits, input_splits).wait()
+            t[recv_local_L] = got_LX.view(L, *t.shape[1:])
+            sent_bytes += moved_rows * t[0].numel() * t.element_size()
     previous = moe.dispatcher  # the new one keeps its communicator (and any timing wrapper around it)
     chunks, payload = getattr(previous, "chunks", None), getattr(previous, "payload_dtype", None)
-    install_dispatcher(moe, new_slot_E, previous.comm, chunks, payload)
+    install_dispatcher(moe, SlotMap(new_S, R, ep_rank, E), previous.comm, chunks, payload)
     return sent_bytes
 
 
