@@ -9,6 +9,7 @@ Nobody else derives ranks or groups.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -59,14 +60,15 @@ class ParallelDims:
         """The ranks that hold the same experts as `rank`."""
         return list(range(rank % self.ep, self.world, self.ep))
 
-    def build_groups(self, rank: int) -> None:
-        """Create the EP and expert-DP groups (collective: every rank must call it)."""
+    def build_groups(self, rank: int, timeout: datetime.timedelta | None = None) -> None:
+        """Create the EP and expert-DP groups (collective: every rank must call it). timeout:
+        how long their collectives wait for a peer (new groups do not inherit the world's)."""
         # NOTE: new_group must be called by all ranks for every group, in the same order
         for first in range(0, self.world, self.ep):
-            group = dist.new_group(list(range(first, first + self.ep)))
+            group = dist.new_group(list(range(first, first + self.ep)), timeout=timeout)
             if rank in range(first, first + self.ep):
                 self.ep_group = group
         for ep_index in range(self.ep):
-            group = dist.new_group(list(range(ep_index, self.world, self.ep)))
+            group = dist.new_group(list(range(ep_index, self.world, self.ep)), timeout=timeout)
             if rank % self.ep == ep_index:
                 self.expert_dp_group = group

@@ -5,7 +5,11 @@ Everything outside comm/ calls these instead of torch.distributed.
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,17 +42,59 @@ def _map_mpi_env() -> None:
             return
 
 
-def init_from_env(device: torch.device) -> RankInfo:
+def init_from_env(device: torch.device, timeout_s: float = 600.0) -> RankInfo:
     """Join the process group a launcher described in the environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT as torchrun sets them, or an MPI launcher's variables plus
-    MASTER_ADDR/MASTER_PORT); a single process needs none."""
+    MASTER_ADDR/MASTER_PORT); a single process needs none.
+
+    `timeout_s` (train.collective_timeout_s) bounds the rendezvous and every collective on the
+    world group: with gloo a collective whose peer is gone raises after it (or at once when the
+    peer's connection closes) instead of waiting forever; see `peer_failures_as_errors`.
+    """
     _map_mpi_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return RankInfo(0, 1)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return RankInfo(dist.get_rank(), dist.get_world_size())
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed because another rank died, hung or lost its connection."""
+
+
+# what torch.distributed's backends put in a collective's error when a peer is gone or late
+# (gloo raises a plain RuntimeError: "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer ...")
+_PEER_FAILURE = re.compile(r"gloo/|connection (closed|reset) by peer|timed out", re.IGNORECASE)
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether `e` is a process group's report of a failed collective (not a bug of our own)."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and bool(_PEER_FAILURE.search(str(e))))
+
+
+@contextmanager
+def peer_failures_as_errors(timeout_s: float) -> Iterator[None]:
+    """Turn a collective's failure inside the block into a one-line PeerLostError naming the timeout.
+
+    NOTE: a rank that dies closes its connections, so gloo fails at once; a rank that hangs (or a
+    machine that vanishes) is noticed after `timeout_s`. NCCL's watchdog may end the process itself.
+    """
+    try:
+        yield
+    except PeerLostError:
+        raise
+    except Exception as e:
+        if not is_peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # drop gloo's "[file.cc:553] " prefix
+        raise PeerLostError(
+            f"a collective failed ({first}): another rank probably died or hung; see its log "
+            f"(collectives wait at most train.collective_timeout_s={timeout_s:g} s)"
+        ) from None
 
 
 def shutdown() -> None:

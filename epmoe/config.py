@@ -11,6 +11,7 @@ and raises `ConfigError` with a one-line message that names the value and what w
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -88,10 +89,13 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end
-    resume: str | None = None  # a checkpoint file, or a run directory holding checkpoints
+    keep_checkpoints: int = 0  # keep the newest N complete checkpoints; 0 = keep all
+    resume: str | None = None  # a checkpoint directory (checkpoints/step_<N>), or a run directory holding them
     sample_bytes: int = 200  # length of the generated text sample at the end; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda
+    # how long a collective waits for the other ranks before the job ends with an error (a dead or hung peer)
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -120,10 +124,13 @@ class ParallelConfig:
 
 @dataclass
 class PlacementConfig:
-    # contiguous | round_robin (static) | balanced | affinity (follow the routing load: they take
-    # over from contiguous at the first re-placement, every `rebalance_every` steps)
+    # contiguous | round_robin (static) | balanced | affinity | redundant (follow the routing load:
+    # they take over at the first re-placement, every `rebalance_every` steps)
     policy: str = "contiguous"
     rebalance_every: int = 0  # 0 = never move experts
+    # expert slots per rank: 0 = num_experts / ep; redundant needs more: the spare slots hold
+    # replicas of the hottest experts (DeepSeek EPLB-style)
+    slots_per_rank: int = 0
 
 
 @dataclass
@@ -132,7 +139,8 @@ class CommConfig:
     # under expert parallelism: alltoall (exchange everything, then compute) | pipelined (local
     # rows first, `chunks` pieces whose exchange overlaps the experts' compute)
     dispatcher: str = "alltoall"
-    chunks: int = 2
+    # N pieces, or auto: time 1, 2 and 4 chunks in the first 9 steps and keep the fastest
+    chunks: str = "2"
     dtype: str = "fp32"  # fp32 | bf16: the rows' dtype on the wire (experts still compute in theirs)
 
 
@@ -184,29 +192,58 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} ({value}) must be > 0")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} ({value}) must be > 0" + ("" if isinstance(value, int) else " and finite"))
 
 
-def validate(cfg: Config) -> Config:
-    """Raise ConfigError on the first value that cannot work; return cfg unchanged otherwise."""
-    m, r, d, t, lg = cfg.model, cfg.router, cfg.data, cfg.train, cfg.logger
+def _at_least_zero(name: str, value: float, meaning: str = "") -> None:
+    """value >= 0 and finite; `meaning` says what 0 does, e.g. "0 = off"."""
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} ({value}) must be >= 0" + (f" ({meaning})" if meaning else ""))
+
+
+def _fraction(name: str, value: float, interval: str) -> None:
+    """value within `interval`, one of "[0, 1]", "[0, 1)", "(0, 1)"."""
+    low_ok = value >= 0 if interval[0] == "[" else value > 0
+    high_ok = value <= 1 if interval[-1] == "]" else value < 1
+    if not (low_ok and high_ok):  # NaN fails both
+        raise ConfigError(f"{name} ({value}) must be in {interval}")
+
+
+def _only_for(name: str, value: object, launcher: str, readers: tuple[str, ...]) -> None:
+    if value is not None and launcher not in readers:
+        by = " or ".join(f"launcher={r}" for r in readers)
+        raise ConfigError(f"{name} is read by {by} only, not launcher={launcher}")
+
+
+_HOST_PORT = re.compile(r"^\[?[\w.:-]+\]?:(\d{1,5})$")
+_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(UNLIMITED|INFINITE)$")
+
+
+def _validate_model(m: ModelConfig, r: RouterConfig) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "moe_every"):
         _positive(f"model.{name}", getattr(m, name))
+    _positive("model.rope_theta", m.rope_theta)
+    _positive("model.norm_eps", m.norm_eps)
     if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
         raise ConfigError(
             f"model.d_model ({m.d_model}) / model.n_heads ({m.n_heads}) must be an even "
             "integer head size (RoPE rotates pairs)"
         )
-    if m.num_experts < 0 or m.first_dense_layers < 0 or m.n_shared_experts < 0:
-        raise ConfigError("model.num_experts, first_dense_layers and n_shared_experts must be >= 0")
+    _at_least_zero("model.num_experts", m.num_experts, "0 = a dense model")
+    _at_least_zero("model.first_dense_layers", m.first_dense_layers)
+    _at_least_zero("model.n_shared_experts", m.n_shared_experts)
+    if m.num_experts > 0 and m.first_dense_layers >= m.n_layers:
+        raise ConfigError(
+            f"model.first_dense_layers ({m.first_dense_layers}) leaves no MoE layer among model.n_layers "
+            f"({m.n_layers}); lower it, or set model.num_experts=0 for a dense model"
+        )
     _positive("model.dense_hidden", m.dense_hidden)
     _positive("model.expert_hidden", m.expert_hidden)
-    if not 0 <= m.exchange_dim <= m.d_model:
-        raise ConfigError(f"model.exchange_dim ({m.exchange_dim}) must be in [0, model.d_model={m.d_model}] (0 = off)")
     _positive("model.shared_hidden", m.shared_hidden)
     _choice("model.activation", m.activation, ("swiglu", "gelu"))
     _choice("model.expert_impl", m.expert_impl, ("auto", "grouped", "loop", "fused"))
+
     if m.num_experts > 0:
         if not 1 <= r.top_k <= m.num_experts:
             raise ConfigError(f"router.top_k ({r.top_k}) must be between 1 and model.num_experts ({m.num_experts})")
@@ -226,72 +263,149 @@ def validate(cfg: Config) -> Config:
     _choice("router.score_func", r.score_func, ("softmax", "sigmoid"))
     _choice("router.aux_loss", r.aux_loss, ("none", "batch", "sequence"))
     _choice("router.drop_policy", r.drop_policy, ("position", "probability"))
-    if r.aux_loss_coef < 0 or r.z_loss_coef < 0 or r.bias_update_rate < 0:
-        raise ConfigError("router.aux_loss_coef, z_loss_coef and bias_update_rate must be >= 0")
+    _at_least_zero("router.aux_loss_coef", r.aux_loss_coef)
+    _at_least_zero("router.z_loss_coef", r.z_loss_coef)
+    _fraction("router.bias_update_rate", r.bias_update_rate, "[0, 1]")
     if r.capacity_factor is not None:
         _positive("router.capacity_factor", r.capacity_factor)
     _positive("router.routed_scaling", r.routed_scaling)
 
+
+def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     _choice("data.kind", d.kind, ("stdlib", "text", "jsonl", "bin"))
     if d.kind != "stdlib" and not d.path:
         raise ConfigError(f"data.kind={d.kind} needs data.path (a file or folder)")
+    if d.kind == "stdlib" and d.path:
+        raise ConfigError(f"data.path ({d.path}) is not read by data.kind=stdlib; use data=text, jsonl or bin")
+    if d.kind != "bin" and m.vocab_size < 256:
+        raise ConfigError(
+            f"model.vocab_size ({m.vocab_size}) must be >= 256 for byte-level data.kind={d.kind}; "
+            "token ids come with data.kind=bin"
+        )
     _positive("data.seq_len", d.seq_len)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); raise max_seq_len")
-    if not 0 < d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction ({d.val_fraction}) must be in (0, 1)")
+    _fraction("data.val_fraction", d.val_fraction, "(0, 1)")
 
+
+def _validate_train(t: TrainConfig) -> None:
     for name in ("steps", "batch_size", "grad_accum", "lr", "eval_batches", "log_every"):
         _positive(f"train.{name}", getattr(t, name))
-    if t.warmup_steps < 0 or t.eval_every < 0 or t.checkpoint_every < 0 or t.sample_bytes < 0:
-        raise ConfigError("train.warmup_steps, eval_every, checkpoint_every and sample_bytes must be >= 0")
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise ConfigError(f"train.min_lr_ratio ({t.min_lr_ratio}) must be in [0, 1]")
+    _at_least_zero("train.warmup_steps", t.warmup_steps)
+    _at_least_zero("train.eval_every", t.eval_every, "0 = only at the end")
+    _at_least_zero("train.checkpoint_every", t.checkpoint_every, "0 = only at the end")
+    if t.keep_checkpoints < 0:
+        raise ConfigError(f"train.keep_checkpoints ({t.keep_checkpoints}) must be >= 0 (0 = keep all)")
+    _at_least_zero("train.sample_bytes", t.sample_bytes, "0 = off")
+    _at_least_zero("train.threads", t.threads, "0 = torch's default")
+    _fraction("train.min_lr_ratio", t.min_lr_ratio, "[0, 1]")
+    _at_least_zero("train.weight_decay", t.weight_decay)
+    _fraction("train.beta1", t.beta1, "[0, 1)")
+    _fraction("train.beta2", t.beta2, "[0, 1)")
     if t.grad_clip < 0 or not math.isfinite(t.grad_clip):
         raise ConfigError(f"train.grad_clip ({t.grad_clip}) must be a finite number >= 0 (0 = off)")
+    if not 0 <= t.seed < 2**63:
+        raise ConfigError(f"train.seed ({t.seed}) must be in [0, 2**63)")
     _choice("train.precision", t.precision, ("fp32", "bf16"))
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _positive("train.collective_timeout_s", t.collective_timeout_s)
+
+
+def _validate_logger(lg: LoggerConfig) -> None:
     _choice("logger.wandb_mode", lg.wandb_mode, ("offline", "online", "disabled"))
-    if lg.routing_trace_every < 0:
-        raise ConfigError(f"logger.routing_trace_every ({lg.routing_trace_every}) must be >= 0 (0 = off)")
+    if lg.wandb and not lg.wandb_project.strip():
+        raise ConfigError("logger.wandb_project is empty; name a project (default: epmoe)")
+    if lg.wandb_entity is not None and not lg.wandb_entity.strip():
+        raise ConfigError("logger.wandb_entity is empty; name a team or user, or leave it null (your default)")
+    _at_least_zero("logger.routing_trace_every", lg.routing_trace_every, "0 = off")
     _positive("logger.routing_trace_tokens", lg.routing_trace_tokens)
 
-    p = cfg.parallel
-    if p.dp < 0 or p.ep < 1:
-        raise ConfigError(f"parallel.dp ({p.dp}) must be >= 0 (0 = world size) and parallel.ep ({p.ep}) >= 1")
-    if m.num_experts % p.ep:
-        raise ConfigError(f"model.num_experts ({m.num_experts}) must be divisible by parallel.ep ({p.ep})")
-    lc = cfg.launcher
+
+def _validate_launcher(lc: LauncherConfig) -> None:
     _choice("launcher.name", lc.name, ("local", "torchrun", "deepspeed", "mpirun", "slurm"))
     for name in ("nproc_per_node", "nnodes"):
         _positive(f"launcher.{name}", getattr(lc, name))
-    if not 0 <= lc.node_rank < lc.nnodes or lc.max_restarts < 0:
-        raise ConfigError(
-            f"launcher.node_rank ({lc.node_rank}) must be in [0, nnodes={lc.nnodes}) and max_restarts >= 0"
-        )
+    if not 0 <= lc.node_rank < lc.nnodes:
+        raise ConfigError(f"launcher.node_rank ({lc.node_rank}) must be in [0, launcher.nnodes={lc.nnodes})")
+    _at_least_zero("launcher.max_restarts", lc.max_restarts)
+    _at_least_zero("launcher.gpus_per_node", lc.gpus_per_node)
     if lc.name == "torchrun" and lc.nnodes > 1 and not (lc.rdzv_endpoint or lc.master_addr):
         raise ConfigError(
             f"launcher.nnodes={lc.nnodes} needs launcher.rdzv_endpoint=HOST:PORT (a c10d rendezvous) "
             "or launcher.master_addr=HOST (node 0)"
         )
+    if lc.name == "deepspeed" and lc.nnodes > 1 and not lc.hostfile:
+        raise ConfigError(f"launcher=deepspeed with launcher.nnodes={lc.nnodes} needs launcher.hostfile (host slots=N)")
+    if lc.name == "mpirun" and lc.nnodes > 1:
+        raise ConfigError(
+            f"launcher=mpirun starts ranks on this node only, not launcher.nnodes={lc.nnodes}; use torchrun or slurm"
+        )
     if not 0 <= lc.master_port < 65536:
         raise ConfigError(f"launcher.master_port ({lc.master_port}) must be a TCP port (0 = pick one)")
-    if lc.hostfile and lc.name != "deepspeed":
-        raise ConfigError(f"launcher.hostfile is read by launcher=deepspeed only, not launcher={lc.name}")
+    if lc.rdzv_endpoint is not None:
+        match = _HOST_PORT.match(lc.rdzv_endpoint)
+        if not match or not 0 < int(match.group(1)) < 65536:
+            raise ConfigError(f"launcher.rdzv_endpoint ({lc.rdzv_endpoint}) must be HOST:PORT, e.g. node0:29400")
+    for name in ("master_addr", "local_addr", "partition"):
+        value = getattr(lc, name)
+        if value is not None and not value.strip():
+            raise ConfigError(f"launcher.{name} is empty; name it or leave it null")
+    _only_for("launcher.hostfile", lc.hostfile, lc.name, ("deepspeed",))
+    _only_for("launcher.rdzv_endpoint", lc.rdzv_endpoint, lc.name, ("torchrun",))
+    _only_for("launcher.local_addr", lc.local_addr, lc.name, ("torchrun",))
+    _only_for("launcher.master_addr", lc.master_addr, lc.name, ("torchrun", "deepspeed"))
+    _only_for("launcher.partition", lc.partition, lc.name, ("slurm",))
+    if not _SLURM_TIME.match(lc.time_limit):
+        raise ConfigError(
+            f"launcher.time_limit ({lc.time_limit}) must be a Slurm time: MINUTES, HH:MM:SS or DAYS-HH:MM:SS"
+        )
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError on the first value that cannot work; return cfg unchanged otherwise."""
+    m = cfg.model
+    _validate_model(m, cfg.router)
+    _validate_data(cfg.data, m)
+    _validate_train(cfg.train)
+    _validate_logger(cfg.logger)
+
+    p = cfg.parallel
+    _at_least_zero("parallel.dp", p.dp, "0 = the world size")
+    _positive("parallel.ep", p.ep)
+    if m.num_experts % p.ep:
+        raise ConfigError(f"model.num_experts ({m.num_experts}) must be divisible by parallel.ep ({p.ep})")
+    lc = cfg.launcher
+    _validate_launcher(lc)
     pc = cfg.placement
-    if pc.policy == "redundant":
-        raise ConfigError("placement.policy=redundant: replica dispatch is not built yet; use balanced or affinity")
-    _choice("placement.policy", pc.policy, ("contiguous", "round_robin", "balanced", "affinity"))
-    if pc.rebalance_every < 0:
-        raise ConfigError(f"placement.rebalance_every ({pc.rebalance_every}) must be >= 0 (0 = never)")
-    if pc.policy in ("balanced", "affinity") and pc.rebalance_every == 0:
+    _choice("placement.policy", pc.policy, ("contiguous", "round_robin", "balanced", "affinity", "redundant"))
+    _at_least_zero("placement.rebalance_every", pc.rebalance_every, "0 = never")
+    per_rank = m.num_experts // p.ep
+    if pc.policy == "redundant" and not per_rank < pc.slots_per_rank <= m.num_experts:
+        raise ConfigError(
+            f"placement=redundant needs spare slots: placement.slots_per_rank ({pc.slots_per_rank}) must be in "
+            f"({per_rank}, {m.num_experts}] (num_experts / ep, num_experts]"
+        )
+    if pc.policy != "redundant" and pc.slots_per_rank not in (0, per_rank):
+        raise ConfigError(
+            f"placement.slots_per_rank ({pc.slots_per_rank}) > num_experts / ep ({per_rank}) holds replicas: "
+            "use placement=redundant"
+        )
+    if pc.policy in ("balanced", "affinity", "redundant") and pc.rebalance_every == 0:
         raise ConfigError(
             f"placement.policy={pc.policy} follows the routing load: set placement.rebalance_every=N "
             "(steps between re-placements)"
         )
+    if pc.policy in ("contiguous", "round_robin") and pc.rebalance_every > 0:
+        raise ConfigError(
+            f"placement.rebalance_every ({pc.rebalance_every}) re-places experts by routing load, which "
+            f"placement.policy={pc.policy} ignores; use placement=balanced, affinity or redundant"
+        )
     _choice("comm.backend", cfg.comm.backend, ("torch", "mpi"))
     _choice("comm.dispatcher", cfg.comm.dispatcher, ("alltoall", "pipelined"))
-    _positive("comm.chunks", cfg.comm.chunks)
+    if cfg.comm.chunks != "auto" and not (cfg.comm.chunks.isdigit() and int(cfg.comm.chunks) >= 1):
+        raise ConfigError(f"comm.chunks ({cfg.comm.chunks}) must be a positive integer or auto")
+    if cfg.comm.chunks == "auto" and cfg.comm.dispatcher != "pipelined":
+        raise ConfigError("comm.chunks=auto tunes the pipelined dispatcher: add comm.dispatcher=pipelined")
     _choice("comm.dtype", cfg.comm.dtype, ("fp32", "bf16"))
     if cfg.comm.backend == "mpi" and lc.name not in ("local", "mpirun"):
         raise ConfigError(f"comm.backend=mpi needs ranks started by MPI: use launcher=mpirun, not launcher={lc.name}")

@@ -136,11 +136,12 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_di
 
 
 @pytest.mark.parametrize(
-    ("world", "ep", "aux", "dispatcher", "exchange_dim"),
-    [(2, 2, "batch", "alltoall", 0), (2, 2, "sequence", "pipelined", 32), (4, 2, "batch", "pipelined", 0)],
-)
+    ("world", "ep", "aux", "dispatcher", "chunks", "exchange_dim"),
+    [(2, 2, "batch", "alltoall", "2", 0), (2, 2, "sequence", "pipelined", "auto", 32),
+     (4, 2, "batch", "pipelined", "3", 0)],
+)  # fmt: skip
 def test_ep_training_matches_single_process_losses(
-    world: int, ep: int, aux: str, dispatcher: str, exchange_dim: int, tmp_path: Path, text_corpus: Path
+    world: int, ep: int, aux: str, dispatcher: str, chunks: str, exchange_dim: int, tmp_path: Path, text_corpus: Path
 ) -> None:
     import json
 
@@ -153,7 +154,7 @@ def test_ep_training_matches_single_process_losses(
             f"model.exchange_dim={exchange_dim}"]  # fmt: skip
     single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
     out = tmp_path / "ep.json"
-    overrides = [*base, f"parallel.ep={ep}", f"comm.dispatcher={dispatcher}", "comm.chunks=3"]
+    overrides = [*base, f"parallel.ep={ep}", f"comm.dispatcher={dispatcher}", f"comm.chunks={chunks}"]
     mp.spawn(_train_worker, args=(world, free_port(), overrides, str(tmp_path / "ep"), str(out)), nprocs=world)
     ep_result = json.loads(out.read_text())
     assert len(ep_result["losses"]) == 20
@@ -161,6 +162,10 @@ def test_ep_training_matches_single_process_losses(
     for step, (a, b) in enumerate(zip(single.losses, ep_result["losses"]), 1):
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: single {a} vs ep {b}"
     assert ep_result["val"] == pytest.approx(single.val_loss, rel=1e-5)
+    if chunks == "auto":  # 1, 2 and 4 chunks for 3 steps each, then the chosen count for the rest
+        records = [json.loads(line) for line in (tmp_path / "ep" / "metrics.jsonl").read_text().splitlines()]
+        tried = [r["comm_chunks"] for r in records]
+        assert tried[:9] == [1, 1, 1, 2, 2, 2, 4, 4, 4] and len(set(tried[9:])) == 1 and tried[9] in (1, 2, 4)
 
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -229,9 +234,12 @@ def test_migration_moves_weights_and_optimizer_state_with_each_expert(world: int
     mp.spawn(_migration_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
 
 
-@pytest.mark.parametrize(("world", "policy"), [(2, "balanced"), (4, "affinity")])
+@pytest.mark.parametrize(
+    ("world", "policy", "slots_per_rank"), [(2, "balanced", 0), (4, "affinity", 0), (2, "redundant", 5),
+                                            (4, "redundant", 3)]
+)  # fmt: skip
 def test_training_with_replacement_matches_single_process(
-    world: int, policy: str, tmp_path: Path, text_corpus: Path
+    world: int, policy: str, slots_per_rank: int, tmp_path: Path, text_corpus: Path
 ) -> None:
     import json
 
@@ -243,7 +251,8 @@ def test_training_with_replacement_matches_single_process(
     base = [*TINY, "data=text", f"data.path={text_corpus}", *EP_TRAIN, "router.aux_loss=batch"]
     single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
     out = tmp_path / "ep.json"
-    overrides = [*base, f"parallel.ep={world}", f"placement={policy}", "placement.rebalance_every=4"]
+    overrides = [*base, f"parallel.ep={world}", f"placement={policy}", "placement.rebalance_every=4",
+                 f"placement.slots_per_rank={slots_per_rank}"]  # fmt: skip
     mp.spawn(_train_worker, args=(world, free_port(), overrides, str(tmp_path / "ep"), str(out)), nprocs=world)
     ep_result = json.loads(out.read_text())
     for step, (a, b) in enumerate(zip(single.losses, ep_result["losses"]), 1):

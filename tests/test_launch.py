@@ -33,6 +33,11 @@ def test_torchrun_launcher_trains_two_ranks_with_ep2_in_one_run_dir(tmp_path: Pa
     assert sum(records[0]["expert_load"][0]) == 2 * 4 * 32 * 2  # 2 ranks x batch 4 x seq 32 x top-2
     assert records[-1]["loss"] < records[0]["loss"]
     assert "epmoe.launch: 2 rank(s)" in proc.stderr
+    # per-layer timing of the exchange (2 MoE layers): in flight, exposed, expert compute
+    for key in ("exchange_ms", "exposed_ms", "expert_ms"):
+        assert all(len(r[key]) == 2 and min(r[key]) >= 0 for r in records), key
+    assert all(min(r["exchange_ms"]) > 0 and min(r["expert_ms"]) > 0 for r in records)
+    assert "exchange per MoE layer, mean ms/step: in flight" in proc.stdout
 
 
 @pytest.mark.parametrize(

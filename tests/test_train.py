@@ -67,8 +67,8 @@ def test_multirun_sweep_runs_each_job_in_its_own_dir(tmp_path: Path) -> None:
 
 def test_resume_continues_with_the_same_losses(tmp_path: Path, text_corpus: Path) -> None:
     full = train(_tiny(text_corpus, "train.steps=8", "train.checkpoint_every=4"), tmp_path / "full")
-    mid = checkpoint.checkpoint_dir(tmp_path / "full") / "step_00000004.pt"
-    assert mid.exists()
+    mid = checkpoint.checkpoint_dir(tmp_path / "full") / "step_00000004"
+    assert (mid / checkpoint.MANIFEST).is_file()
     resumed = train(_tiny(text_corpus, "train.steps=8", f"train.resume={mid}"), tmp_path / "resumed")
     assert len(resumed.losses) == 4
     for a, b in zip(full.losses[4:], resumed.losses):
@@ -78,24 +78,26 @@ def test_resume_continues_with_the_same_losses(tmp_path: Path, text_corpus: Path
 
 def test_resume_from_run_dir_picks_the_newest_checkpoint(tmp_path: Path, text_corpus: Path) -> None:
     train(_tiny(text_corpus, "train.steps=6", "train.checkpoint_every=2"), tmp_path / "run")
-    assert checkpoint.latest(tmp_path / "run").name == "step_00000006.pt"
+    assert checkpoint.latest(tmp_path / "run").name == "step_00000006"
     assert not list(checkpoint.checkpoint_dir(tmp_path / "run").glob("*.tmp"))
+    assert checkpoint.resolve(tmp_path / "run").name == "step_00000006"  # its checksums verify
 
 
-def test_checkpoint_with_a_pickled_object_is_refused(tmp_path: Path) -> None:
-    bad = tmp_path / "checkpoints" / "step_00000001.pt"
-    bad.parent.mkdir()
-    torch.save({"format_version": 1, "step": 1, "payload": Path("/etc/passwd")}, bad)
-    with pytest.raises(CheckpointError, match="cannot load checkpoint .*step_00000001.pt"):
-        checkpoint.load(tmp_path)
+def test_checkpoint_file_with_a_pickled_object_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "common.pt"
+    torch.save({"model": {}, "payload": Path("/etc/passwd")}, bad)
+    with pytest.raises(CheckpointError, match="cannot load checkpoint file .*common.pt"):
+        checkpoint.load_file(bad)
 
 
-def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    path = checkpoint.save(tmp_path, 3, {"model": {"w": torch.ones(1000)}})
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
-        checkpoint.load(path)
+def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path, text_corpus: Path) -> None:
+    result = train(_tiny(text_corpus, "train.steps=2", "train.eval_every=0", "train.sample_bytes=0"), tmp_path / "run")
+    common = result.checkpoint / checkpoint.COMMON
+    common.write_bytes(common.read_bytes()[: common.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="common.pt is truncated or altered"):
+        checkpoint.resolve(result.checkpoint)
+    with pytest.raises(CheckpointError, match="cannot load checkpoint file"):
+        checkpoint.load_file(common)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min() -> None:
@@ -154,8 +156,8 @@ def test_interrupt_saves_the_last_completed_step(tmp_path: Path, text_corpus: Pa
     monkeypatch.setattr(loop, "train_step", interrupted_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train(_tiny(text_corpus, "train.steps=8"), tmp_path / "run")
-    assert checkpoint.latest(tmp_path / "run").name == "step_00000003.pt"
-    assert checkpoint.load(tmp_path / "run")["step"] == 3
+    assert checkpoint.latest(tmp_path / "run").name == "step_00000003"
+    assert checkpoint.verify(checkpoint.latest(tmp_path / "run"))["step"] == 3
 
 
 def test_routing_trace_holds_the_choices_the_load_metric_counted(tmp_path: Path, text_corpus: Path) -> None:

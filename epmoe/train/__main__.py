@@ -10,7 +10,9 @@ Examples:
 (under several ranks, name the run dir: every rank must write to the same one; the launcher,
 `python -m epmoe.launch`, does that for you)
 
-Bad config values fail before any work with one line on stderr and exit code 2.
+Bad config values and unusable data fail before any work with one line on stderr and exit
+code 2. A collective that fails because another rank died or hung (longer than
+train.collective_timeout_s) ends this rank with one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from epmoe.comm.parallel_dims import ParallelConfigError
+from epmoe.comm.process import PeerLostError, peer_failures_as_errors
 from epmoe.config import ConfigError, register_configs
 from epmoe.train.checkpoint import CheckpointError
 from epmoe.train.cli import CONFIG_NAME, load_config, to_config
@@ -32,20 +35,24 @@ from epmoe.train.loop import train
 
 USER_ERRORS = (ConfigError, ParallelConfigError, DataError, CheckpointError)
 EXIT_USAGE = 2
+EXIT_PEER_LOST = 1  # not the user's input: the job failed (a supervisor such as torchrun may restart it)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    sys.exit(code)
 
 
 @hydra.main(config_path="pkg://epmoe.conf", config_name=CONFIG_NAME, version_base="1.3")
 def _run(cfg: DictConfig) -> float | None:
     try:
         config = to_config(cfg)
-        result = train(config, Path(HydraConfig.get().runtime.output_dir))
+        with peer_failures_as_errors(config.train.collective_timeout_s):
+            result = train(config, Path(HydraConfig.get().runtime.output_dir))
     except USER_ERRORS as e:
         _fail(str(e))
+    except PeerLostError as e:
+        _fail(str(e), EXIT_PEER_LOST)
     return result.val_loss  # what a sweeper would optimise
 
 

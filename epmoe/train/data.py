@@ -62,7 +62,10 @@ def _split_docs(
 def _split_position(tokens: torch.Tensor, val_fraction: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     n_val = int(len(tokens) * val_fraction)
     if n_val == 0 or n_val == len(tokens):
-        raise DataError(f"{what} has {len(tokens)} tokens, too few to split into train and val")
+        raise DataError(
+            f"{what} has {len(tokens)} tokens, too few to split into train and val "
+            f"with data.val_fraction={val_fraction}"
+        )
     return tokens[:-n_val], tokens[-n_val:]
 
 
@@ -76,11 +79,25 @@ def _read_stdlib() -> list[tuple[str, bytes]]:
     return [(str(p.relative_to(root)), p.read_bytes()) for p in files]
 
 
+def _read_bytes(p: Path) -> bytes:
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise DataError(f"{p} cannot be read ({e.strerror or e})") from None
+
+
 def _read_text(path: Path) -> list[tuple[str, bytes]]:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    try:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    except OSError as e:
+        raise DataError(f"data.path {path} cannot be listed ({e.strerror or e})") from None
+    if not files:
+        raise DataError(f"data.path {path} is a folder without files; data.kind=text needs text files")
     docs = []
     for p in files:
-        raw = p.read_bytes()
+        raw = _read_bytes(p)
+        if (nul := raw.find(b"\0")) >= 0:  # NUL also separates documents: text must not hold one
+            raise DataError(f"{p} is binary, not text (a NUL byte at byte {nul}); data.kind=text reads text files only")
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -93,37 +110,78 @@ def _read_text(path: Path) -> list[tuple[str, bytes]]:
 
 def _read_jsonl(path: Path) -> list[tuple[str, bytes]]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{path}:{line_no} is not a JSON object with a 'text' field") from None
+    for line_no, line in enumerate(_read_bytes(path).split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{line_no} is not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+        except (ValueError, KeyError, TypeError, IndexError):  # not JSON, or not an object with "text"
+            raise DataError(f"{path}:{line_no} is not a JSON object with a 'text' field") from None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{line_no}: the 'text' field is a {type(text).__name__}, not a string")
+        try:
             docs.append((f"{line_no}", text.encode("utf-8")))
+        except UnicodeEncodeError as e:
+            raise DataError(f"{path}:{line_no}: the 'text' field is not valid Unicode ({e.reason})") from None
     return docs
 
 
-def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
-    """Read the configured source and split it into train and val token streams."""
+def check_source(cfg: DataConfig) -> Path | None:
+    """Check what can be checked without reading the corpus (the launcher calls this before any
+    rank starts): the path exists and has the kind's shape. Returns the path (None for stdlib)."""
     if cfg.kind == "stdlib":
+        return None
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise DataError(f"data.path {path} does not exist")
+    if not (path.is_file() or path.is_dir()):
+        raise DataError(f"data.path {path} is neither a file nor a folder")
+    if cfg.kind in ("jsonl", "bin") and not path.is_file():
+        what = "uint16 tokens" if cfg.kind == "bin" else "JSON lines"
+        raise DataError(f"data.kind={cfg.kind} needs a file of {what}; {path} is a folder")
+    if cfg.kind == "bin":
+        size = path.stat().st_size
+        if size == 0:
+            raise DataError(f"{path} is empty; data.kind=bin needs a file of uint16 token ids")
+        if size % 2:
+            raise DataError(
+                f"{path} has {size} bytes, an odd number: data.kind=bin reads uint16 token ids (2 bytes each)"
+            )
+    return path
+
+
+def _check_windows(train: torch.Tensor, val: torch.Tensor, seq_len: int, what: str) -> None:
+    """Each split must hold one (seq_len + 1)-token window, or no batch can be drawn from it."""
+    for name, tokens, fix in (("train", train, "lower"), ("val", val, "raise")):
+        if len(tokens) < seq_len + 1:
+            raise DataError(
+                f"{what}: the {name} split has {len(tokens)} tokens, fewer than data.seq_len + 1 ({seq_len + 1}) "
+                f"for one window; add data, lower data.seq_len or {fix} data.val_fraction"
+            )
+
+
+def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
+    """Read the configured source and split it into train and val token streams.
+
+    Raises DataError (one line) for a path that does not exist, an empty or too small corpus,
+    binary or non-UTF-8 files in text data, bad jsonl lines, and token files that do not fit.
+    """
+    path = check_source(cfg)
+    if path is None:
         docs = _read_stdlib()
         what = f"the Python standard library at {stdlib_root()}"
     else:
-        path = Path(cfg.path).expanduser()
-        if not path.exists():
-            raise DataError(f"data.path {path} does not exist")
         what = str(path)
         if cfg.kind == "bin":
-            if not path.is_file():
-                raise DataError(f"data.kind=bin needs a file of uint16 tokens; {path} is a folder")
             tokens = torch.from_numpy(np.memmap(path, dtype=np.uint16, mode="r").astype(np.int64))
-            if len(tokens) and int(tokens.max()) >= vocab_size:
+            if int(tokens.max()) >= vocab_size:
                 raise DataError(
                     f"{path} holds token id {int(tokens.max())} >= model.vocab_size ({vocab_size}); raise vocab_size"
                 )
             train, val = _split_position(tokens, cfg.val_fraction, what)
+            _check_windows(train, val, cfg.seq_len, what)
             return TokenSplits(train, val, f"{what} ({len(tokens):,} uint16 tokens)")
         docs = _read_jsonl(path) if cfg.kind == "jsonl" else _read_text(path)
     if vocab_size < 256:
@@ -131,6 +189,7 @@ def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
     if sum(len(d) for _, d in docs) == 0:
         raise DataError(f"{what} holds no text")
     train, val = _split_docs(docs, cfg.val_fraction, what)
+    _check_windows(train, val, cfg.seq_len, what)
     return TokenSplits(train, val, f"{what} ({len(docs):,} documents, {len(train) + len(val):,} bytes)")
 
 

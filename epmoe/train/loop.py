@@ -13,12 +13,15 @@ One step:
 
 from __future__ import annotations
 
+import datetime
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +35,14 @@ from epmoe.comm.process import RankInfo, all_reduce_sum_, init_from_env
 from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
 from epmoe.model.router import Routing
 from epmoe.model.transformer import Transformer
+from epmoe.parallel.chunk_tuner import ChunkTuner
 from epmoe.parallel.data_parallel import apply_data_parallel
 from epmoe.parallel.expert_parallel import apply_expert_parallel
 from epmoe.parallel.gradients import clip_global_norm_, reduce_gradients
+from epmoe.parallel.replicas import norm_weights, reduce_replica_grads, replica_rows
+from epmoe.parallel.timing import LayerTimer, attach_timers, run_summary, step_timing
 from epmoe.placement.migration import Rebalancer
+from epmoe.placement.placement import Placement
 from epmoe.train import checkpoint
 from epmoe.train.data import TokenSplits, load_splits, sample_batch
 from epmoe.train.loggers import Loggers
@@ -66,6 +73,13 @@ class Parallel:
     info: RankInfo
     dims: ParallelDims
     rebalancer: Rebalancer | None = None  # online re-placement of experts (placement.rebalance_every)
+    timers: list[LayerTimer] = field(default_factory=list)  # per MoE layer, under expert parallelism
+    placement: Placement | None = None  # as apply_expert_parallel installed it (None: every expert local)
+
+    @property
+    def expert_placement(self) -> Placement | None:
+        """The placement in force now: re-placement moves experts away from the installed one."""
+        return self.rebalancer.placement if self.rebalancer is not None else self.placement
 
     @classmethod
     def single(cls, num_experts: int) -> Parallel:
@@ -83,26 +97,28 @@ class Parallel:
 
 def setup_parallel(cfg: Config, model: Transformer, device: torch.device) -> Parallel:
     """Join the launcher's process group (if any) and apply expert parallelism from outside."""
-    info = init_from_env(device)
+    info = init_from_env(device, cfg.train.collective_timeout_s)
     if info.world == 1 and cfg.parallel.ep == 1:
         return Parallel.single(cfg.model.num_experts)
     dp = cfg.parallel.dp or info.world
     dims = ParallelDims(world=info.world, dp=dp, ep=cfg.parallel.ep, num_experts=cfg.model.num_experts)
-    if info.world > 1 and (cfg.train.checkpoint_every or cfg.train.resume):
-        raise ConfigError("train.checkpoint_every / train.resume need sharded checkpoints, not yet built for world > 1")
-    dims.build_groups(info.rank)
+    dims.build_groups(info.rank, datetime.timedelta(seconds=cfg.train.collective_timeout_s))
     apply_data_parallel(model, dims)
     if dims.ep_enabled:
         if cfg.comm.backend == "mpi" and device.type != "cpu":
             raise ConfigError(f"comm.backend=mpi exchanges CPU tensors, but this run is on {device}; use comm=torch")
         comm = ep_communicator(cfg.comm.backend, dims, info.rank)
-        chunks = cfg.comm.chunks if cfg.comm.dispatcher == "pipelined" else None
+        chunks = None  # the plain all-to-all dispatcher
+        if cfg.comm.dispatcher == "pipelined":  # auto: ChunkTuner sets the count from the first step
+            chunks = 1 if cfg.comm.chunks == "auto" else int(cfg.comm.chunks)
         payload = torch.bfloat16 if cfg.comm.dtype == "bf16" else None
-        placement = apply_expert_parallel(model, dims, info.rank, cfg.placement.policy, comm, chunks, payload)
+        placement = apply_expert_parallel(model, dims, info.rank, cfg.placement.policy, comm, chunks, payload,
+                                          cfg.placement.slots_per_rank)  # fmt: skip
+        rebalancer = None
         if cfg.placement.rebalance_every > 0:
             rebalancer = Rebalancer(cfg.placement.policy, cfg.placement.rebalance_every, placement,
                                     dims.ep_rank(info.rank), info.is_main, comm)  # fmt: skip
-            return Parallel(info, dims, rebalancer)
+        return Parallel(info, dims, rebalancer, attach_timers(model), placement=placement)
     return Parallel(info, dims)
 
 
@@ -110,7 +126,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
+        raise ConfigError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
     return torch.device(name)
 
 
@@ -183,14 +199,17 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     par = setup_parallel(cfg, model, device)
     optimizer = build_optimizer(model, t_cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t_cfg))
+    counts = RoutingCounts(len(model.moe_layers()), cfg.model.num_experts) if par.rebalancer else None
     start_step = 0
-    if t_cfg.resume:
-        state = checkpoint.load(Path(t_cfg.resume))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_step = state["step"]
+    if t_cfg.resume:  # rank 0 verifies the checksums and picks the checkpoint; every rank reads its experts
+        resumed = checkpoint.restore(checkpoint.agree(Path(t_cfg.resume), par.info.is_main), model, optimizer,
+                                     scheduler, cfg, par.info.rank, par.dims, par.expert_placement,
+                                     keep_saved_placement=par.rebalancer is not None)  # fmt: skip
+        start_step = resumed.step
+        if par.rebalancer is not None:
+            par.rebalancer.placement = resumed.placement
+            if resumed.routing_window is not None and par.info.is_main:  # the window's global counts, once
+                counts.local = resumed.routing_window
 
     main = par.info.is_main  # only rank 0 prints, plots and logs
     bar = tqdm(
@@ -213,20 +232,18 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         file=sys.stderr,
     )
     result = TrainResult(run_dir)
+    tuner = ChunkTuner(model) if par.dims.ep_enabled and cfg.comm.chunks == "auto" else None
     trace = RoutingTrace(log_cfg.routing_trace_every, log_cfg.routing_trace_tokens, cfg.model.num_experts,
                          par.dims.ep, par.info.world)  # fmt: skip
-    counts = RoutingCounts(len(model.moe_layers()), cfg.model.num_experts) if par.rebalancer else None
     tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum * par.info.world
 
-    def save_checkpoint(step: int) -> Path:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "config": asdict(cfg),
-        }
-        return checkpoint.save(run_dir, step, state)
+    def save_checkpoint(step: int) -> Path:  # a collective: every rank writes its shard
+        return checkpoint.save(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
+                               rank=par.info.rank, dims=par.dims, placement=par.expert_placement,
+                               routing_window=counts.local if counts is not None else None,
+                               keep=t_cfg.keep_checkpoints)  # fmt: skip
+
+    stop = _StopRequest() if par.info.world > 1 else None  # Ctrl-C: every rank stops after the same step
 
     completed = start_step  # optimizer steps whose effect is in the model
     try:
@@ -239,7 +256,16 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
                 if counts is not None:
                     counts.add(topk_idx_YTK)
 
+            if tuner is not None:
+                chunks_now = tuner.before_step(step - start_step)
             record = train_step(model, optimizer, data, cfg, device, step, par=par, on_routing=on_routing)
+            if tuner is not None:
+                record["comm_chunks"] = chunks_now
+                if (chosen := tuner.after_step(step - start_step, time.perf_counter() - t0)) is not None:
+                    medians = ", ".join(f"{c}: {s:.3f}" for c, s in tuner.medians_s.items())
+                    say(f"comm.chunks=auto: chose {chosen} (median step seconds summed over ranks: {medians})")
+            if par.timers:  # this step's exchange / exposed / expert-compute time per MoE layer
+                record.update(step_timing(par.timers))
             scheduler.step()
             completed = step + 1
             record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
@@ -255,19 +281,25 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
             if t_cfg.eval_every and (completed % t_cfg.eval_every == 0 or last):
                 result.val_loss = evaluate(model, data, cfg, device, par)
                 record.update(val_loss=result.val_loss, val_bpb=result.val_loss / LN2)
+                step_timing(par.timers)  # evaluation's exchanges are not a training step's
             loggers.log(record, console=completed % t_cfg.log_every == 0 or "val_loss" in record or last)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
             if t_cfg.checkpoint_every and completed % t_cfg.checkpoint_every == 0 and not last:
                 save_checkpoint(completed)
+            if stop is not None and not last and stop.agreed():
+                raise KeyboardInterrupt
         bar.close()
         if result.val_loss is None:  # eval_every=0 (or nothing left to run): validate once at the end
             result.val_loss = evaluate(model, data, cfg, device, par)
-        if par.info.world == 1:
-            result.checkpoint = save_checkpoint(t_cfg.steps)
-        else:
-            say("note: no checkpoint written: sharded checkpoints for world > 1 are not built yet")
-        loggers.summary({"val_loss": result.val_loss, "val_bpb": result.val_bpb, "steps": t_cfg.steps})
+        result.checkpoint = save_checkpoint(t_cfg.steps)
+        timing = run_summary(loggers.history)
+        if timing:
+            say(
+                "exchange per MoE layer, mean ms/step: in flight {mean_exchange_ms}, exposed {mean_exposed_ms}, "
+                "expert compute {mean_expert_ms}; hidden fraction {hidden_frac}".format(**timing)
+            )
+        loggers.summary({"val_loss": result.val_loss, "val_bpb": result.val_bpb, "steps": t_cfg.steps, **timing})
         say(f"done: held-out {result.val_bpb:.4f} bits/token (cross-entropy {result.val_loss:.4f} nats)")
         if t_cfg.sample_bytes and cfg.data.kind != "bin":
             text = sample_text(model, data, cfg, device)  # every rank: the EP exchange needs them all
@@ -283,13 +315,43 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     except KeyboardInterrupt:
         bar.close()
         trace.save(run_dir)
-        if start_step < completed < t_cfg.steps and par.info.world == 1:  # resume with train.resume=<run dir>
-            print(f"interrupted: saved {save_checkpoint(completed)}", file=sys.stderr)
+        in_step = stop is not None and not stop.agreed_at_step_end  # ranks may be mid-collective: no save
+        if start_step < completed < t_cfg.steps and not in_step:  # resume with train.resume=<run dir>
+            saved = save_checkpoint(completed)
+            say(f"interrupted: saved {saved}", file=sys.stderr)
         raise
     finally:
         bar.close()
         loggers.close()
+        if stop is not None:
+            stop.close()
     return result
+
+
+class _StopRequest:
+    """Ctrl-C under several ranks: the first SIGINT on any rank sets a flag; after each step the
+    ranks agree on it (one all-reduce) and all stop after that same step, so every rank can join
+    the interrupt checkpoint. A second SIGINT stops at once, without a checkpoint."""
+
+    def __init__(self) -> None:
+        self.requested = self.agreed_at_step_end = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any rank asked to stop (a collective: every rank calls it after each step)."""
+        self.agreed_at_step_end = all_reduce_sum_(torch.tensor([int(self.requested)]))[0].item() > 0
+        return self.agreed_at_step_end
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def train_step(
@@ -330,12 +392,17 @@ def train_step(
     if not math.isfinite(ce_sum):
         raise FloatingPointError(f"non-finite training loss at step {step + 1}; lower train.lr or use precision=fp32")
 
+    replicas = []  # placement=redundant: the stacked expert weights that hold replicas
     if par.info.world > 1:
         reduce_gradients(model, par.dims)
+        placement = par.expert_placement
+        if placement is not None and placement.has_replicas:
+            replicas = replica_rows(model, placement, par.dims.ep_rank(par.info.rank))
+            reduce_replica_grads(replicas, cfg.model.num_experts, par.dims)
         all_reduce_sum_(load_LE)  # the routers' bias must see the global load
         dropped = int(all_reduce_sum_(torch.tensor([dropped]))[0])
     max_norm = t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf")
-    grad_norm = clip_global_norm_(model, par.dims, max_norm)
+    grad_norm = clip_global_norm_(model, par.dims, max_norm, norm_weights(replicas))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     for layer, moe in enumerate(moe_layers):

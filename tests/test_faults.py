@@ -1,0 +1,116 @@
+"""A dead or hung peer ends a rank with a one-line error within train.collective_timeout_s, not a hang.
+
+Two gloo ranks on CPU. Rank 1 joins, takes part in one all-reduce, then either exits abruptly
+(its connections close) or stops answering (alive, silent); rank 0's next all-reduce must end
+in a PeerLostError naming the timeout. End to end, `python -m epmoe.train` prints that error as
+one line and exits with code 1 when its peer is killed mid-training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from epmoe.comm.process import PeerLostError, all_reduce_sum_, init_from_env, peer_failures_as_errors
+from epmoe.launch.commands import free_port
+
+from .conftest import REPO, TINY
+
+TIMEOUT_S = 3.0
+
+
+def _worker(rank: int, port: int, peer: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_from_env(torch.device("cpu"), timeout_s=TIMEOUT_S)
+    all_reduce_sum_(torch.ones(4))  # both ranks are up and connected
+    if rank == 1:
+        if peer == "dies":
+            os._exit(1)  # no clean-up: the way a crashed or killed rank goes
+        time.sleep(120)  # hung: alive, holding its connections, never joining the next collective (killed below)
+    start = time.monotonic()
+    try:
+        with peer_failures_as_errors(TIMEOUT_S):
+            all_reduce_sum_(torch.ones(4))
+        outcome = {"error": None}
+    except PeerLostError as e:
+        outcome = {"error": str(e)}
+    outcome["seconds"] = time.monotonic() - start
+    Path(out).write_text(json.dumps(outcome))
+    os._exit(0)  # the group's peer is gone: skip destroying it
+
+
+@pytest.mark.parametrize("peer", ["dies", "hangs"])
+def test_a_lost_peer_ends_the_collective_within_the_timeout(tmp_path: Path, peer: str) -> None:
+    out, port = tmp_path / "rank0.json", free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(rank, port, peer, str(out))) for rank in range(2)]
+    for p in procs:
+        p.start()
+    procs[0].join(timeout=60)
+    hung = procs[0].is_alive()
+    for p in procs:
+        p.kill()
+        p.join()
+    assert not hung, "rank 0 hung past the collective timeout"
+    outcome = json.loads(out.read_text())
+    message = outcome["error"]
+    assert message is not None and "\n" not in message
+    assert message.startswith("a collective failed (")
+    assert "train.collective_timeout_s=3 s" in message
+    if peer == "dies":  # its connections closed: no need to wait for the timeout
+        assert re.search("Connection (closed|reset) by peer", message)
+        assert outcome["seconds"] < TIMEOUT_S
+    else:  # silent: the collective gives up after the timeout, not much later
+        assert "Timed out" in message
+        assert TIMEOUT_S - 0.5 <= outcome["seconds"] <= TIMEOUT_S + 3
+
+
+def test_other_errors_pass_through_unchanged() -> None:
+    with pytest.raises(ValueError, match="not a peer"), peer_failures_as_errors(TIMEOUT_S):
+        raise ValueError("not a peer")
+    with pytest.raises(RuntimeError, match="shape mismatch"), peer_failures_as_errors(TIMEOUT_S):
+        raise RuntimeError("shape mismatch")
+
+
+def test_a_killed_rank_ends_its_peer_with_one_line_and_exit_1(tmp_path: Path, text_corpus: Path) -> None:
+    """`python -m epmoe.train` as two ranks (the environment torchrun would give them, without
+    its agent, which would tear the job down itself); rank 1 is killed once training runs."""
+    run_dir, port = tmp_path / "run", free_port()
+    args = [*TINY, "data=text", f"data.path={text_corpus}", "train.steps=100000", "train.eval_every=0",
+            "train.collective_timeout_s=5", "train.threads=1", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONHASHSEED": "0"}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-m", "epmoe.train", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # training is under way
+            assert procs[0].poll() is None and time.monotonic() < deadline, procs[0].communicate()[1][-3000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = procs[0].communicate(timeout=60)
+        seconds = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert procs[0].returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a collective failed (") and "train.collective_timeout_s=5 s" in last
+    assert seconds < 5 + 10  # ended by the closed connection or the timeout, with room for a loaded machine
