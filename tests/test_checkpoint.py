@@ -1,7 +1,7 @@
 """Sharded checkpoints: exact resume at the saved and at other EP degrees, faults, the CLI.
 
-One EP=2 run (2 gloo ranks, 20 steps, balanced re-placement every 4 steps, checkpoints at steps 10
-and 20) is the reference; resumes from its step-10 checkpoint must continue with its losses at
+One EP=2 run (2 gloo ranks, 20 steps, redundant re-placement every 4 steps: 5 slots per rank for
+8 experts, so 2 replicas; checkpoints at steps 10 and 20) is the reference; resumes from its step-10 checkpoint must continue with its losses at
 EP=2, EP=1 (one process, the same global batch) and EP=4 (4 ranks).
 """
 
@@ -30,7 +30,7 @@ from .conftest import REPO, TINY
 
 STEPS = ["train.steps=20", "train.eval_every=10", "train.sample_bytes=0", "logger.console=false"]
 ROUTER = ["router.aux_loss=batch", "router.aux_loss_coef=0.01", "router.bias_update_rate=0.01"]
-REPLACE = ["placement=balanced", "placement.rebalance_every=4"]
+REPLACE = ["placement=redundant", "placement.rebalance_every=4", "placement.slots_per_rank=5"]
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str, out: str, sigint_step: int) -> None:

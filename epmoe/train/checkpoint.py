@@ -46,6 +46,7 @@ from epmoe.config import Config
 from epmoe.model.moe import MoE
 from epmoe.parallel.expert_parallel import EXPERT_WEIGHTS, install_dispatcher
 from epmoe.placement.placement import Placement, RoutingStats
+from epmoe.placement.slot_map import SlotMap
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -453,8 +454,10 @@ def restore(
         )
     rows = _ExpertRows(ckpt, manifest)
     placement = placement or _identity_placement(len(layers), dims.num_experts)
-    if keep_saved_placement and rows.saved is not None and rows.saved.ep == dims.ep and not rows.saved.has_replicas:
-        placement = rows.saved
+    saved_map = rows.saved
+    if keep_saved_placement and saved_map is not None and saved_map.ep == dims.ep:
+        if saved_map.slots_per_rank == placement.slots_per_rank:  # same slots (replicas too): continue it
+            placement = saved_map
     common = load_file(ckpt / COMMON)
     ep_rank = dims.ep_rank(rank)
 
@@ -501,7 +504,7 @@ def restore(
             old = moe.dispatcher
             install_dispatcher(
                 moe,
-                placement.slot_of_expert_E(y),
+                SlotMap(placement.expert_of_slot_YS[y], dims.ep, ep_rank, dims.num_experts),
                 old.comm,
                 getattr(old, "chunks", None),
                 getattr(old, "payload_dtype", None),
