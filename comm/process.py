@@ -57,7 +57,18 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> RankInfo:
         return RankInfo(0, 1)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # NOTE: torchrun's agent keeps one store for every restart of the job; process-group
+            # keys (the groups' rank addresses) left by the failed attempt would send the new
+            # ranks to dead peers, so each attempt gets its own key space
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False,
+                                  timeout=timeout)  # fmt: skip
+            dist.init_process_group(backend, store=dist.PrefixStore(f"epmoe/attempt_{attempt}", store),
+                                    rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)  # fmt: skip
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return RankInfo(dist.get_rank(), dist.get_world_size())
 
 

@@ -72,6 +72,15 @@ class DataConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Injected faults, for tests and drills (never set in a real run)."""
+
+    kill_rank: int = -1  # this rank exits abruptly (os._exit) at the start of step `at_step`; -1 = never
+    at_step: int = 0  # 1-based; only on the first attempt (torchrun restarts do not repeat the drill)
+    nan_at_step: int = 0  # rank 0's loss becomes NaN at this 1-based step (tests train.on_nonfinite); 0 = never
+
+
+@dataclass
 class TrainConfig:
     steps: int = 300
     batch_size: int = 16  # sequences per micro-batch
@@ -96,6 +105,10 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda
     # how long a collective waits for the other ranks before the job ends with an error (a dead or hung peer)
     collective_timeout_s: float = 600.0
+    # a non-finite loss or gradient norm: skip the step (counted) or abort with a checkpoint of the
+    # last good state
+    on_nonfinite: str = "abort"
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 @dataclass
@@ -309,6 +322,12 @@ def _validate_train(t: TrainConfig) -> None:
     _choice("train.precision", t.precision, ("fp32", "bf16"))
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _positive("train.collective_timeout_s", t.collective_timeout_s)
+    _choice("train.on_nonfinite", t.on_nonfinite, ("skip", "abort"))
+    f = t.fault
+    if f.kill_rank >= 0 and not 1 <= f.at_step <= t.steps:
+        raise ConfigError(f"train.fault.at_step ({f.at_step}) must be in [1, train.steps={t.steps}] with kill_rank")
+    if not 0 <= f.nan_at_step <= t.steps:
+        raise ConfigError(f"train.fault.nan_at_step ({f.nan_at_step}) must be in [0, train.steps={t.steps}]")
 
 
 def _validate_logger(lg: LoggerConfig) -> None:

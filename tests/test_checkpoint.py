@@ -1,8 +1,9 @@
 """Sharded checkpoints: exact resume at the saved and at other EP degrees, faults, the CLI.
 
 One EP=2 run (2 gloo ranks, 20 steps, redundant re-placement every 4 steps: 5 slots per rank for
-8 experts, so 2 replicas; checkpoints at steps 10 and 20) is the reference; resumes from its step-10 checkpoint must continue with its losses at
-EP=2, EP=1 (one process, the same global batch) and EP=4 (4 ranks).
+8 experts, so 2 replicas; checkpoints at steps 10 and 20) is the reference; resumes from its
+step-10 checkpoint must continue with its losses at EP=2, EP=1 (one process, the same global
+batch) and EP=4 (4 ranks).
 """
 
 from __future__ import annotations

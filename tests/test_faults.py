@@ -9,6 +9,7 @@ one line and exits with code 1 when its peer is killed mid-training.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -114,3 +115,60 @@ def test_a_killed_rank_ends_its_peer_with_one_line_and_exit_1(tmp_path: Path, te
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: a collective failed (") and "train.collective_timeout_s=5 s" in last
     assert seconds < 5 + 10  # ended by the closed connection or the timeout, with room for a loaded machine
+
+
+# --- non-finite steps: skip or abort; the kill-a-rank drill under torchrun with restarts ---
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_nonfinite_skip_counts_the_step_and_keeps_the_weights_finite(tmp_path: Path, text_corpus: Path) -> None:
+    from epmoe.train.cli import load_config
+    from epmoe.train.loop import train
+
+    cfg = load_config([*TINY, "data=text", f"data.path={text_corpus}", "train.fault.nan_at_step=4",
+                       "train.on_nonfinite=skip"])  # fmt: skip
+    result = train(cfg, tmp_path / "run")
+    skipped = [r["step"] for r in _records(tmp_path / "run") if r.get("skipped_nonfinite")]
+    assert skipped == [4]
+    assert all(torch.isfinite(v).all() for v in torch.load(next((tmp_path / "run").rglob("common.pt")),
+                                                           weights_only=True)["model"].values())  # fmt: skip
+    assert math.isfinite(result.val_loss) and result.losses[-1] < result.losses[0]
+
+
+def test_nonfinite_abort_stops_with_the_step_and_saves_the_last_good_state(tmp_path: Path, text_corpus: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "epmoe.train", *TINY, "data=text", f"data.path={text_corpus}",
+                           "train.fault.nan_at_step=4", f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite training step 4 (loss nan") and "last good state (step 3)" in last
+    assert (run_dir / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+
+
+DRILL = ["launcher=torchrun", "launcher.nproc_per_node=2", "parallel.ep=2", *TINY, "train.steps=20",
+         "train.checkpoint_every=5", "train.eval_every=0", "train.sample_bytes=0",
+         "launcher.max_restarts=1"]  # fmt: skip
+
+
+def test_kill_a_rank_drill_restarts_resumes_and_ends_with_the_uninterrupted_loss(
+    tmp_path: Path, text_corpus: Path
+) -> None:
+    def launch(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "epmoe.launch", *DRILL, "data=text", f"data.path={text_corpus}",
+                               *extra, f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True,
+                              timeout=400)  # fmt: skip
+
+    clean = launch(tmp_path / "clean")
+    drill = launch(tmp_path / "drill", "train.fault.kill_rank=1", "train.fault.at_step=13")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert drill.returncode == 0, drill.stderr[-3000:]
+    assert "fault drill: rank 1 exits abruptly at step 13" in drill.stderr
+    assert "restart 1: resuming from the newest complete checkpoint" in drill.stderr
+    steps = [r["step"] for r in _records(tmp_path / "drill")]
+    assert steps == [*range(1, 13), *range(11, 21)]  # steps 11-12 ran twice: the checkpoint was at 10
+    assert _records(tmp_path / "drill")[-1]["loss"] == pytest.approx(_records(tmp_path / "clean")[-1]["loss"],
+                                                                      rel=1e-5)  # fmt: skip

@@ -31,11 +31,11 @@ from epmoe.config import ConfigError, register_configs
 from epmoe.train.checkpoint import CheckpointError
 from epmoe.train.cli import CONFIG_NAME, load_config, to_config
 from epmoe.train.data import DataError
-from epmoe.train.loop import train
+from epmoe.train.loop import TrainingAborted, train
 
 USER_ERRORS = (ConfigError, ParallelConfigError, DataError, CheckpointError)
 EXIT_USAGE = 2
-EXIT_PEER_LOST = 1  # not the user's input: the job failed (a supervisor such as torchrun may restart it)
+EXIT_JOB_FAILED = 1  # not the user's input: the job failed (a supervisor such as torchrun may restart it)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -51,8 +51,8 @@ def _run(cfg: DictConfig) -> float | None:
             result = train(config, Path(HydraConfig.get().runtime.output_dir))
     except USER_ERRORS as e:
         _fail(str(e))
-    except PeerLostError as e:
-        _fail(str(e), EXIT_PEER_LOST)
+    except (PeerLostError, TrainingAborted) as e:
+        _fail(str(e), EXIT_JOB_FAILED)
     return result.val_loss  # what a sweeper would optimise
 
 

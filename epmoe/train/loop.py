@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import signal
 import sys
 import threading
@@ -51,6 +52,14 @@ from epmoe.train.routing_stats import RoutingCounts, RoutingTrace, topk_of_layer
 
 LN2 = math.log(2)
 VAL_STREAM = 1 << 20  # data stream ids >= this are validation batches
+
+
+class NonFiniteStep(FloatingPointError):
+    """A step whose loss or gradient norm is not finite (train.on_nonfinite=abort)."""
+
+
+class TrainingAborted(RuntimeError):
+    """The run stopped itself (a non-finite step); the message says where and what was kept."""
 
 
 @dataclass
@@ -201,8 +210,14 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t_cfg))
     counts = RoutingCounts(len(model.moe_layers()), cfg.model.num_experts) if par.rebalancer else None
     start_step = 0
-    if t_cfg.resume:  # rank 0 verifies the checksums and picks the checkpoint; every rank reads its experts
-        resumed = checkpoint.restore(checkpoint.agree(Path(t_cfg.resume), par.info.is_main), model, optimizer,
+    resume = t_cfg.resume
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun: restarts of this job so far
+    if resume is None and attempt > 0 and checkpoint.complete_checkpoints(checkpoint.checkpoint_dir(run_dir)):
+        resume = str(run_dir)  # a restarted job continues from its newest complete checkpoint
+        if par.info.is_main:
+            print(f"restart {attempt}: resuming from the newest complete checkpoint in {run_dir}", file=sys.stderr)
+    if resume:  # rank 0 verifies the checksums and picks the checkpoint; every rank reads its experts
+        resumed = checkpoint.restore(checkpoint.agree(Path(resume), par.info.is_main), model, optimizer,
                                      scheduler, cfg, par.info.rank, par.dims, par.expert_placement,
                                      keep_saved_placement=par.rebalancer is not None)  # fmt: skip
         start_step = resumed.step
@@ -256,9 +271,18 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
                 if counts is not None:
                     counts.add(topk_idx_YTK)
 
+            fault = t_cfg.fault
+            if fault.kill_rank == par.info.rank and fault.at_step == step + 1 and attempt == 0:
+                print(f"fault drill: rank {par.info.rank} exits abruptly at step {step + 1}", file=sys.stderr)
+                os._exit(17)  # no cleanup, no checkpoint: as if the process had been killed
             if tuner is not None:
                 chunks_now = tuner.before_step(step - start_step)
-            record = train_step(model, optimizer, data, cfg, device, step, par=par, on_routing=on_routing)
+            try:
+                record = train_step(model, optimizer, data, cfg, device, step, par=par, on_routing=on_routing)
+            except NonFiniteStep as e:  # train.on_nonfinite=abort: keep the last good state, then stop
+                path = save_checkpoint(completed) if completed > start_step else None
+                kept = f"; last good state (step {completed}) saved to {path}" if path else ""
+                raise TrainingAborted(f"{e}{kept}; lower train.lr, or train.on_nonfinite=skip") from None
             if tuner is not None:
                 record["comm_chunks"] = chunks_now
                 if (chosen := tuner.after_step(step - start_step, time.perf_counter() - t0)) is not None:
@@ -380,6 +404,8 @@ def train_step(
         with _autocast(device, t_cfg.precision):
             out = model(x_BS.to(device))
         ce = lm_loss(out.logits_BSV, y_BS.to(device))
+        if t_cfg.fault.nan_at_step == step + 1 and par.info.rank == 0:
+            ce = ce * float("nan")  # the injected fault of train.fault.nan_at_step
         aux, z = _routing_losses(out.routings, ce)
         ((ce + aux + z) / t_cfg.grad_accum).backward()
         ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
@@ -389,8 +415,6 @@ def train_step(
         if on_routing is not None and out.routings:
             on_routing(micro, topk_of_layers(out.routings))
     ce_sum, aux_sum, z_sum = par.mean(ce_sum), par.mean(aux_sum), par.mean(z_sum)
-    if not math.isfinite(ce_sum):
-        raise FloatingPointError(f"non-finite training loss at step {step + 1}; lower train.lr or use precision=fp32")
 
     replicas = []  # placement=redundant: the stacked expert weights that hold replicas
     if par.info.world > 1:
@@ -403,6 +427,14 @@ def train_step(
         dropped = int(all_reduce_sum_(torch.tensor([dropped]))[0])
     max_norm = t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf")
     grad_norm = clip_global_norm_(model, par.dims, max_norm, norm_weights(replicas))
+    # NOTE: the loss is a mean over ranks and the norm global, so every rank decides alike
+    if not (math.isfinite(ce_sum) and math.isfinite(grad_norm)):
+        what = f"loss {ce_sum / t_cfg.grad_accum}, gradient norm {grad_norm}"
+        if t_cfg.on_nonfinite == "abort":
+            raise NonFiniteStep(f"non-finite training step {step + 1} ({what})")
+        optimizer.zero_grad(set_to_none=True)  # skip: no update, no balancing step; counted
+        return {"step": step + 1, "loss": ce_sum / t_cfg.grad_accum, "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm, "skipped_nonfinite": 1}  # fmt: skip
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     for layer, moe in enumerate(moe_layers):
