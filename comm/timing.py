@@ -1,9 +1,12 @@
 """Where a layer's time goes: in-flight exchange, exposed (blocked) exchange, expert compute.
 
 `TimedCommunicator` wraps any Communicator and logs, per all-to-all, when it was issued, how
-long the caller blocked in `wait()` and when it completed (torch.distributed: the work's
-future stamps completion even when nobody waits; otherwise completion is when the wait
-returned). From the log of one step:
+long the caller blocked in `wait()` and when it completed. Completion is observed by the
+caller: when its wait returns, or, if the exchange had already finished, when it came to
+wait (an upper bound). With `stamp_completion=True` (benchmarks), a torch.distributed work's
+future stamps the exact time instead. NOTE: that puts a Python callback into a C++ future;
+one outliving the interpreter can abort the process at exit, so training leaves it off.
+From the log of one step:
 - exchange: time during which at least one exchange was in flight (union of intervals);
 - exposed: time blocked in `wait()`, the part of the exchange compute did not hide;
 - hidden = 1 - exposed / exchange.
@@ -52,18 +55,21 @@ class _TimedHandle:
 
     def wait(self) -> torch.Tensor:
         t0 = time.perf_counter()
+        future = getattr(self.inner, "future", None)
+        finished = future is not None and future.done()  # done before we looked: t0 bounds its end
         result = self.inner.wait()
         t1 = time.perf_counter()
         self.record.blocked += t1 - t0
-        self.record.wait_returned = min(self.record.wait_returned, t1)
+        self.record.wait_returned = min(self.record.wait_returned, t0 if finished else t1)
         return result
 
 
 class TimedCommunicator:
     """A Communicator that logs every all-to-all it carries (see the module docstring)."""
 
-    def __init__(self, inner: Communicator):
+    def __init__(self, inner: Communicator, stamp_completion: bool = False):
         self.inner, self.size, self.rank = inner, inner.size, inner.rank
+        self.stamp_completion = stamp_completion
         self.log: list[Exchange] = []
 
     def all_to_all_v(self, x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> Handle:
@@ -72,7 +78,7 @@ class TimedCommunicator:
         record = Exchange(time.perf_counter(), sent)
         handle = self.inner.all_to_all_v(x_ND, output_splits, input_splits)
         future = getattr(handle, "future", None)
-        if future is not None:
+        if future is not None and self.stamp_completion:
             future.add_done_callback(lambda _: setattr(record, "done_callback", time.perf_counter()))
         self.log.append(record)
         return _TimedHandle(handle, record)
