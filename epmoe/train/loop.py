@@ -212,8 +212,8 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     start_step = 0
     resume = t_cfg.resume
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun: restarts of this job so far
-    if resume is None and attempt > 0 and checkpoint.complete_checkpoints(checkpoint.checkpoint_dir(run_dir)):
-        resume = str(run_dir)  # a restarted job continues from its newest complete checkpoint
+    if attempt > 0 and checkpoint.complete_checkpoints(checkpoint.checkpoint_dir(run_dir)):
+        resume = str(run_dir)  # a restarted job continues from its own newest checkpoint, not train.resume's
         if par.info.is_main:
             print(f"restart {attempt}: resuming from the newest complete checkpoint in {run_dir}", file=sys.stderr)
     if resume:  # rank 0 verifies the checksums and picks the checkpoint; every rank reads its experts
