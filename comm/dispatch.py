@@ -24,9 +24,21 @@ from epmoe.comm.collectives import all_to_all_v, exchange_counts
 from epmoe.comm.communicator import Communicator
 from epmoe.model.dispatch import ExpertFn
 from epmoe.model.experts import compute_dtype
-from epmoe.model.permute import make_permutation, permute, unpermute
+from epmoe.model.permute import Permutation, make_permutation, permute, unpermute
 from epmoe.model.router import Routing
 from epmoe.placement.slot_map import SlotMap
+
+
+def sort_by_slot(
+    x_TD: torch.Tensor, routing: Routing, slot_map: SlotMap, comm: Communicator
+) -> tuple[Permutation, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-2, shared by the dispatchers: (perm, x_ND rows sorted by destination slot,
+    send_counts_RL, recv_counts_RL). recv_counts_RL[r, l]: rows rank r sends to local slot l."""
+    R, L = comm.size, slot_map.slots_per_rank
+    perm = make_permutation(slot_map(routing.topk_idx_TK), routing.keep_TK, R * L)
+    x_ND = permute(x_TD.to(compute_dtype(x_TD)), perm)
+    send_counts_RL = perm.counts_E.view(R, L)
+    return perm, x_ND, send_counts_RL, exchange_counts(send_counts_RL, comm)
 
 
 class AllToAllDispatcher:
@@ -51,12 +63,7 @@ class AllToAllDispatcher:
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
         R, L = self.ep, self.local_experts
-        slots_TK = self.slot_map(routing.topk_idx_TK)
-        perm = make_permutation(slots_TK, routing.keep_TK, R * L)
-        x_ND = permute(x_TD.to(compute_dtype(x_TD)), perm)
-
-        send_counts_RL = perm.counts_E.view(R, L)
-        recv_counts_RL = exchange_counts(send_counts_RL, self.comm)
+        perm, x_ND, send_counts_RL, recv_counts_RL = sort_by_slot(x_TD, routing, self.slot_map, self.comm)
         input_splits = send_counts_RL.sum(1).tolist()  # NOTE: host sync for the splits
         output_splits = recv_counts_RL.sum(1).tolist()
         x_MD = self._exchange(x_ND, output_splits, input_splits)

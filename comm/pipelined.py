@@ -36,11 +36,10 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from epmoe.comm.collectives import exchange_counts
 from epmoe.comm.communicator import Communicator, Handle
+from epmoe.comm.dispatch import sort_by_slot
 from epmoe.model.dispatch import ExpertFn
-from epmoe.model.experts import compute_dtype
-from epmoe.model.permute import make_permutation, permute, unpermute
+from epmoe.model.permute import unpermute
 from epmoe.model.router import Routing
 from epmoe.placement.slot_map import SlotMap
 
@@ -311,13 +310,7 @@ class PipelinedDispatcher:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As __call__, and `side(side_in)` (the shared experts) computed while the first chunk
         is in flight, forward and backward; returns (y_TD, side's output or None)."""
-        R, L = self.ep, self.local_experts
-        slots_TK = self.slot_map(routing.topk_idx_TK)
-        perm = make_permutation(slots_TK, routing.keep_TK, R * L)
-        x_ND = permute(x_TD.to(compute_dtype(x_TD)), perm)
-
-        send_counts_RL = perm.counts_E.view(R, L)
-        recv_counts_RL = exchange_counts(send_counts_RL, self.comm)
+        perm, x_ND, send_counts_RL, recv_counts_RL = sort_by_slot(x_TD, routing, self.slot_map, self.comm)
         # NOTE: the one host sync per call: every chunk's splits and expert counts derive from these
         send_RL, recv_RL = torch.stack((send_counts_RL, recv_counts_RL)).tolist()
         plan = _Plan.build(send_RL, recv_RL, self.rank, self.chunks)
