@@ -77,6 +77,7 @@ from layer import WORKLOADS, Workload, build_moe
 from epmoe.comm.communicator import TorchCommunicator
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.pipelined import PipelinedDispatcher
+from epmoe.comm.timing import Exchange, TimedCommunicator, union_seconds
 from epmoe.model.experts import MLP
 from epmoe.parallel.expert_parallel import apply_expert_parallel
 
@@ -89,71 +90,6 @@ SHAPE = {"rate": "1gbit", "burst": "256kb", "latency": "50ms"}  # tbf on both ve
 
 
 # --- timing the exchanges ---
-
-
-@dataclass
-class Exchange:
-    """One all-to-all as this rank saw it (perf_counter seconds)."""
-
-    issued: float
-    wire_bytes: int  # bytes sent to other ranks
-    blocked: float = 0.0
-    done_callback: float = float("inf")
-    wait_returned: float = float("inf")
-
-    @property
-    def done(self) -> float:
-        return min(self.done_callback, self.wait_returned)
-
-
-class _TimedHandle:
-    def __init__(self, result: torch.Tensor, work, record: Exchange):
-        self.result, self.work, self.record = result, work, record
-
-    def wait(self) -> torch.Tensor:
-        t0 = time.perf_counter()
-        self.work.wait()
-        t1 = time.perf_counter()
-        self.record.blocked += t1 - t0
-        self.record.wait_returned = min(self.record.wait_returned, t1)
-        return self.result
-
-
-class TimedComm(TorchCommunicator):
-    """A TorchCommunicator that records every all-to-all's issue, blocked and completion times.
-
-    NOTE: it calls torch.distributed itself (not through TorchCommunicator.all_to_all_v) because the
-    communicator's handles do not expose the gloo work object whose future stamps completion.
-    """
-
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        super().__init__(group)
-        self.log: list[Exchange] = []
-
-    def all_to_all_v(self, x_ND, output_splits, input_splits) -> _TimedHandle:
-        row_bytes = x_ND[:1].numel() * x_ND.element_size()
-        sent = sum(n for r, n in enumerate(input_splits) if r != self.rank) * row_bytes
-        record = Exchange(time.perf_counter(), sent)
-        y_MD = x_ND.new_empty(sum(output_splits), *x_ND.shape[1:])
-        work = dist.all_to_all_single(y_MD, x_ND.contiguous(), output_splits, input_splits, group=self.group,
-                                      async_op=True)  # fmt: skip
-
-        def stamp(_future) -> None:
-            record.done_callback = time.perf_counter()
-
-        work.get_future().add_done_callback(stamp)
-        self.log.append(record)
-        return _TimedHandle(y_MD, work, record)
-
-
-def union_seconds(intervals: list[tuple[float, float]]) -> float:
-    """Total length covered by the (start, end) intervals."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
 
 
 def step_metrics(seconds: float, log: list[Exchange]) -> dict[str, float]:
@@ -176,7 +112,7 @@ class Context:
 
     wl: Workload
     rank: int
-    comm: TimedComm
+    comm: TimedCommunicator
     x_BSD: torch.Tensor
     g_BSD: torch.Tensor
 
@@ -274,7 +210,7 @@ def probe_link(rank: int, mbytes: int = 16, reps: int = 3) -> dict[str, float]:
 def run_rank(args: argparse.Namespace, variants: dict[str, Factory]) -> dict:
     """Time every variant on every workload; rank 0 returns the summary, others {}."""
     torch.set_num_threads(1)
-    comm = TimedComm()
+    comm = TimedCommunicator(TorchCommunicator(None), stamp_completion=True)  # exact completion times
     rank = comm.rank
     summary: dict = {"probe_s": probe_link(rank) if args.probe else None, "workloads": {}}
     for wl_name in args.workload:
