@@ -18,10 +18,8 @@ from torch import nn
 
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import all_reduce_sum_
-from epmoe.model.moe import MoE
+from epmoe.parallel.expert_parallel import EXPERT_WEIGHTS, moe_layers
 from epmoe.placement.placement import Placement
-
-EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
 
 @dataclass
@@ -36,7 +34,7 @@ class ReplicaRows:
 def replica_rows(model: nn.Module, placement: Placement, ep_rank: int) -> list[ReplicaRows]:
     """The stacked expert weights of every MoE layer whose map has replicas."""
     rows = []
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    layers = moe_layers(model)
     replicas_YE = placement.replica_count_YE
     for y, moe in enumerate(layers):
         if int(replicas_YE[y].max()) == 1:
