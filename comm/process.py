@@ -72,6 +72,13 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> RankInfo:
     return RankInfo(dist.get_rank(), dist.get_world_size())
 
 
+def ensure_process_group() -> None:
+    """A one-rank process group where there is none: for libraries that need one even in a
+    single process (DeepSpeed's engine); the launcher's group is kept where it exists."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
 class PeerLostError(RuntimeError):
     """A collective failed because another rank died, hung or lost its connection."""
 

@@ -108,6 +108,10 @@ class TrainConfig:
     # a non-finite loss or gradient norm: skip the step (counted) or abort with a checkpoint of the
     # last good state
     on_nonfinite: str = "abort"
+    # native (our gradient reduction and clipping, torch AdamW) | deepspeed (deepspeed.initialize,
+    # ZeRO stage zero_stage, MoE parameter groups); checkpoints are the same for both
+    engine: str = "native"
+    zero_stage: int = 0  # 0 | 1 | 2, with engine=deepspeed
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -199,9 +203,9 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def _choice(name: str, value: str | int, allowed: tuple[str | int, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
 def _positive(name: str, value: float) -> None:
@@ -323,6 +327,10 @@ def _validate_train(t: TrainConfig) -> None:
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _positive("train.collective_timeout_s", t.collective_timeout_s)
     _choice("train.on_nonfinite", t.on_nonfinite, ("skip", "abort"))
+    _choice("train.engine", t.engine, ("native", "deepspeed"))
+    _choice("train.zero_stage", t.zero_stage, (0, 1, 2))
+    if t.zero_stage and t.engine != "deepspeed":
+        raise ConfigError(f"train.zero_stage ({t.zero_stage}) needs train.engine=deepspeed (native has no ZeRO)")
     f = t.fault
     if f.kill_rank >= 0 and not 1 <= f.at_step <= t.steps:
         raise ConfigError(f"train.fault.at_step ({f.at_step}) must be in [1, train.steps={t.steps}] with kill_rank")
@@ -418,6 +426,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"placement.rebalance_every ({pc.rebalance_every}) re-places experts by routing load, which "
             f"placement.policy={pc.policy} ignores; use placement=balanced, affinity or redundant"
+        )
+    if cfg.train.engine == "deepspeed" and pc.rebalance_every > 0:
+        raise ConfigError(
+            f"placement.rebalance_every ({pc.rebalance_every}) moves experts with their AdamW state, which "
+            "DeepSpeed's ZeRO partitions: use train.engine=native for placement that follows the load"
         )
     _choice("comm.backend", cfg.comm.backend, ("torch", "mpi"))
     _choice("comm.dispatcher", cfg.comm.dispatcher, ("alltoall", "pipelined"))

@@ -29,15 +29,24 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def text_corpus(tmp_path: Path) -> Path:
+def _write_corpus(folder: Path) -> Path:
     """A folder of 40 small text files: enough documents to split by file."""
-    folder = tmp_path / "corpus"
     folder.mkdir()
     for i in range(40):
         lines = [f"def function_{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(30)]
         (folder / f"doc_{i:02d}.txt").write_text("".join(lines))
     return folder
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    return _write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="module")
+def text_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same corpus, shared by a module's tests."""
+    return _write_corpus(tmp_path_factory.mktemp("corpus") / "corpus")
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

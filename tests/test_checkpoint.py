@@ -45,7 +45,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str
     real_step = loop.train_step
 
     def step_with_ctrl_c(*args, **kwargs):
-        if rank == 1 and args[5] == sigint_step:
+        if rank == 1 and args[4] == sigint_step:  # train_step(engine, data, cfg, device, step)
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C on one rank only
         return real_step(*args, **kwargs)
 

@@ -119,17 +119,18 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_deepspeed_launcher_trains_two_ranks_with_ep2_from_a_hostfile(tmp_path: Path, text_corpus: Path) -> None:
+def test_deepspeed_launcher_and_engine_train_ep2_with_zero2_from_a_hostfile(tmp_path: Path, text_corpus: Path) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# one node, two ranks\nlocalhost slots=2\n")
     run_dir = tmp_path / "run"
     proc = _launch("launcher=deepspeed", f"launcher.hostfile={hostfile}", "parallel.ep=2", *TINY, "data=text",
-                   f"data.path={text_corpus}", f"hydra.run.dir={run_dir}")  # fmt: skip
+                   f"data.path={text_corpus}", "train.engine=deepspeed", "train.zero_stage=2",
+                   f"hydra.run.dir={run_dir}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _records(run_dir)
     assert [r["step"] for r in records] == list(range(1, 11))
     assert sum(records[0]["expert_load"][0]) == 2 * 4 * 32 * 2  # both ranks' tokens were routed
-    assert "world 2 (ep 2, tokens exchanged over torch)" in proc.stderr
+    assert "world 2 (ep 2, tokens exchanged over torch), engine deepspeed (ZeRO 2)" in proc.stderr
 
 
 def test_deepspeed_module_runs_the_rank_entry_point_directly(tmp_path: Path, text_corpus: Path) -> None:

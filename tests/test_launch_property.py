@@ -65,6 +65,8 @@ FIELDS = {
     "train.batch_size": [2, 0, 1],
     "train.beta2": [0.9, 1.0],
     "train.collective_timeout_s": [5, 0, -1],
+    "train.engine": ["native", "deepspeed", "megatron"],
+    "train.zero_stage": [0, 1, 2, 3],
     "parallel.ep": [1, 0, 2, 3, 4],
     "launcher.nproc_per_node": [1, 0, 2, 3, 4],
     "launcher.nnodes": [1, 2],

@@ -15,7 +15,8 @@ from epmoe.train import checkpoint
 from epmoe.train.checkpoint import CheckpointError
 from epmoe.train.cli import load_config
 from epmoe.train.data import load_splits, sample_batch
-from epmoe.train.loop import lm_loss, lr_factor, train, train_step
+from epmoe.train.engine import NativeEngine, lr_factor
+from epmoe.train.loop import Parallel, lm_loss, train, train_step
 
 from .conftest import TINY, run_cli
 
@@ -115,7 +116,9 @@ def test_grad_accum_steps_on_the_mean_gradient_of_its_micro_batches(text_corpus:
     model = Transformer(cfg.model, cfg.router)
     reference = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    record = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), data, cfg, torch.device("cpu"), 0)
+    engine = NativeEngine(model, cfg.train, Parallel.single(cfg.model.num_experts), torch.device("cpu"))
+    engine.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    record = train_step(engine, data, cfg, torch.device("cpu"), 0)
 
     losses = []
     for micro in range(2):

@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +38,12 @@ from epmoe.model.transformer import Transformer
 from epmoe.parallel.chunk_tuner import ChunkTuner
 from epmoe.parallel.data_parallel import apply_data_parallel
 from epmoe.parallel.expert_parallel import apply_expert_parallel
-from epmoe.parallel.gradients import clip_global_norm_, reduce_gradients
-from epmoe.parallel.replicas import norm_weights, reduce_replica_grads, replica_rows
 from epmoe.parallel.timing import LayerTimer, attach_timers, run_summary, step_timing
 from epmoe.placement.migration import Rebalancer
 from epmoe.placement.placement import Placement
 from epmoe.train import checkpoint
 from epmoe.train.data import TokenSplits, load_splits, sample_batch
+from epmoe.train.engine import Engine, NativeEngine, autocast
 from epmoe.train.loggers import Loggers
 from epmoe.train.plots import plot_run
 from epmoe.train.routing_stats import RoutingCounts, RoutingTrace, topk_of_layers
@@ -139,28 +137,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and stacked expert weights), none on norms."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to 1, then cosine decay to min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
 
@@ -173,7 +149,7 @@ def evaluate(model: Transformer, data: TokenSplits, cfg: Config, device: torch.d
     global_batch = cfg.train.batch_size * par.info.world
     for i in range(cfg.train.eval_batches):
         x_BS, y_BS = sample_batch(data.val, global_batch, cfg.data.seq_len, cfg.train.seed, VAL_STREAM + i, 0)
-        with _autocast(device, cfg.train.precision):
+        with autocast(device, cfg.train.precision):
             logits_BSV = model(par.my_slice(x_BS).to(device)).logits_BSV
             total += lm_loss(logits_BSV, par.my_slice(y_BS).to(device)).item()
     model.train()
@@ -206,8 +182,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     data = load_splits(cfg.data, cfg.model.vocab_size)
     model = Transformer(cfg.model, cfg.router).to(device)  # the same weights on every rank (seeded)
     par = setup_parallel(cfg, model, device)
-    optimizer = build_optimizer(model, t_cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t_cfg))
+    engine = build_engine(model, t_cfg, par, device)
     counts = RoutingCounts(len(model.moe_layers()), cfg.model.num_experts) if par.rebalancer else None
     start_step = 0
     resume = t_cfg.resume
@@ -217,9 +192,11 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
         if par.info.is_main:
             print(f"restart {attempt}: resuming from the newest complete checkpoint in {run_dir}", file=sys.stderr)
     if resume:  # rank 0 verifies the checksums and picks the checkpoint; every rank reads its experts
+        optimizer, scheduler = engine.portable()
         resumed = checkpoint.restore(checkpoint.agree(Path(resume), par.info.is_main), model, optimizer,
                                      scheduler, cfg, par.info.rank, par.dims, par.expert_placement,
                                      keep_saved_placement=par.rebalancer is not None)  # fmt: skip
+        engine.load_portable(optimizer, scheduler)
         start_step = resumed.step
         if par.rebalancer is not None:
             par.rebalancer.placement = resumed.placement
@@ -241,9 +218,11 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     n_params = sum(p.numel() for p in model.parameters())
     say = print if main else (lambda *args, **kwargs: None)
     exchange = f", tokens exchanged over {cfg.comm.backend}" if par.dims.ep_enabled else ""
+    engine_name = f"deepspeed (ZeRO {t_cfg.zero_stage})" if t_cfg.engine == "deepspeed" else "native"
     say(
         f"epmoe: {n_params / 1e6:.2f}M parameters on rank 0, {len(model.moe_layers())} MoE layers, device {device}, "
-        f"world {par.info.world} (ep {par.dims.ep}{exchange}), data {data.description}; run dir {run_dir}",
+        f"world {par.info.world} (ep {par.dims.ep}{exchange}), engine {engine_name}, data {data.description}; "
+        f"run dir {run_dir}",
         file=sys.stderr,
     )
     result = TrainResult(run_dir)
@@ -253,6 +232,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum * par.info.world
 
     def save_checkpoint(step: int) -> Path:  # a collective: every rank writes its shard
+        optimizer, scheduler = engine.portable()
         return checkpoint.save(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
                                rank=par.info.rank, dims=par.dims, placement=par.expert_placement,
                                routing_window=counts.local if counts is not None else None,
@@ -278,7 +258,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
             if tuner is not None:
                 chunks_now = tuner.before_step(step - start_step)
             try:
-                record = train_step(model, optimizer, data, cfg, device, step, par=par, on_routing=on_routing)
+                record = train_step(engine, data, cfg, device, step, par=par, on_routing=on_routing)
             except NonFiniteStep as e:  # train.on_nonfinite=abort: keep the last good state, then stop
                 path = save_checkpoint(completed) if completed > start_step else None
                 kept = f"; last good state (step {completed}) saved to {path}" if path else ""
@@ -290,13 +270,13 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
                     say(f"comm.chunks=auto: chose {chosen} (median step seconds summed over ranks: {medians})")
             if par.timers:  # this step's exchange / exposed / expert-compute time per MoE layer
                 record.update(step_timing(par.timers))
-            scheduler.step()
+            engine.schedule_step()
             completed = step + 1
             record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
             result.losses.append(record["loss"])
             last = completed == t_cfg.steps
             if par.rebalancer is not None and par.rebalancer.due(completed, last):
-                moves = par.rebalancer.rebalance(model.moe_layers(), counts.take_global(), optimizer)
+                moves = par.rebalancer.rebalance(model.moe_layers(), counts.take_global(), engine.optimizer)
                 record.update(moves)
                 if main:
                     bar.write(f"step {completed}: re-placed experts ({par.rebalancer.placement.origin}): imbalance "
@@ -378,9 +358,16 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def build_engine(model: Transformer, cfg: TrainConfig, par: Parallel, device: torch.device) -> Engine:
+    if cfg.engine == "deepspeed":
+        from epmoe.train.deepspeed_engine import DeepSpeedEngine  # DeepSpeed is imported only when asked for
+
+        return DeepSpeedEngine(model, cfg, par, device)
+    return NativeEngine(model, cfg, par, device)
+
+
 def train_step(
-    model: Transformer,
-    optimizer: torch.optim.Optimizer,
+    engine: Engine,
     data: TokenSplits,
     cfg: Config,
     device: torch.device,
@@ -393,7 +380,7 @@ def train_step(
     t_cfg = cfg.train
     par = par or Parallel.single(cfg.model.num_experts)
     global_batch = t_cfg.batch_size * par.info.world
-    moe_layers = model.moe_layers()
+    moe_layers = engine.model.moe_layers()
     load_LE = torch.zeros(len(moe_layers), cfg.model.num_experts, dtype=torch.long, device=device)
     ce_sum = aux_sum = z_sum = 0.0
     dropped = 0
@@ -401,13 +388,12 @@ def train_step(
         # the global batch depends only on (seed, micro, step): any world size sees the same data
         x_BS, y_BS = sample_batch(data.train, global_batch, cfg.data.seq_len, t_cfg.seed, micro, step)
         x_BS, y_BS = par.my_slice(x_BS), par.my_slice(y_BS)
-        with _autocast(device, t_cfg.precision):
-            out = model(x_BS.to(device))
+        out = engine.forward(x_BS.to(device))
         ce = lm_loss(out.logits_BSV, y_BS.to(device))
         if t_cfg.fault.nan_at_step == step + 1 and par.info.rank == 0:
             ce = ce * float("nan")  # the injected fault of train.fault.nan_at_step
         aux, z = _routing_losses(out.routings, ce)
-        ((ce + aux + z) / t_cfg.grad_accum).backward()
+        engine.backward((ce + aux + z) / t_cfg.grad_accum, last=micro == t_cfg.grad_accum - 1)
         ce_sum, aux_sum, z_sum = ce_sum + ce.item(), aux_sum + aux.item(), z_sum + z.item()
         for layer, routing in enumerate(out.routings):
             load_LE[layer] += routing.counts_E
@@ -415,34 +401,25 @@ def train_step(
         if on_routing is not None and out.routings:
             on_routing(micro, topk_of_layers(out.routings))
     ce_sum, aux_sum, z_sum = par.mean(ce_sum), par.mean(aux_sum), par.mean(z_sum)
-
-    replicas = []  # placement=redundant: the stacked expert weights that hold replicas
     if par.info.world > 1:
-        reduce_gradients(model, par.dims)
-        placement = par.expert_placement
-        if placement is not None and placement.has_replicas:
-            replicas = replica_rows(model, placement, par.dims.ep_rank(par.info.rank))
-            reduce_replica_grads(replicas, cfg.model.num_experts, par.dims)
         all_reduce_sum_(load_LE)  # the routers' bias must see the global load
         dropped = int(all_reduce_sum_(torch.tensor([dropped]))[0])
-    max_norm = t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf")
-    grad_norm = clip_global_norm_(model, par.dims, max_norm, norm_weights(replicas))
-    # NOTE: the loss is a mean over ranks and the norm global, so every rank decides alike
-    if not (math.isfinite(ce_sum) and math.isfinite(grad_norm)):
-        what = f"loss {ce_sum / t_cfg.grad_accum}, gradient norm {grad_norm}"
-        if t_cfg.on_nonfinite == "abort":
-            raise NonFiniteStep(f"non-finite training step {step + 1} ({what})")
-        optimizer.zero_grad(set_to_none=True)  # skip: no update, no balancing step; counted
-        return {"step": step + 1, "loss": ce_sum / t_cfg.grad_accum, "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": grad_norm, "skipped_nonfinite": 1}  # fmt: skip
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    for layer, moe in enumerate(moe_layers):
-        moe.router.update_bias(load_LE[layer])
 
     n = t_cfg.grad_accum
-    record: dict[str, Any] = {"step": step + 1, "loss": ce_sum / n, "lr": optimizer.param_groups[0]["lr"]}
+    record: dict[str, Any] = {"step": step + 1, "loss": ce_sum / n, "lr": engine.lr}
+    grad_norm = engine.prepare()  # None: the engine knows it only once it updates (ZeRO)
+    # NOTE: the loss is a mean over ranks and the norm global, so every rank decides alike
+    if math.isfinite(ce_sum) and (grad_norm is None or math.isfinite(grad_norm)):
+        applied, grad_norm = engine.update()  # applied False: the engine discarded a non-finite step
+    else:
+        applied, grad_norm = False, engine.skip()
     record["grad_norm"] = grad_norm
+    if not applied:
+        if t_cfg.on_nonfinite == "abort":
+            raise NonFiniteStep(f"non-finite training step {step + 1} (loss {ce_sum / n}, gradient norm {grad_norm})")
+        return {**record, "skipped_nonfinite": 1}  # skip: no update, no balancing step; counted
+    for layer, moe in enumerate(moe_layers):
+        moe.router.update_bias(load_LE[layer])
     record.update(routing_metrics(load_LE.cpu(), dropped, aux_sum / n, z_sum / n))
     return record
 
@@ -457,7 +434,7 @@ def sample_text(model: Transformer, data: TokenSplits, cfg: Config, device: torc
     prompt_S = data.val[: min(64, cfg.data.seq_len)].long().to(device)
     g = torch.Generator(device=device).manual_seed(cfg.train.seed)
     model.eval()
-    with _autocast(device, cfg.train.precision):
+    with autocast(device, cfg.train.precision):
         tokens = model.generate(prompt_S, cfg.train.sample_bytes, generator=g)
     model.train()
     return bytes(tokens.clamp(0, 255).tolist()).decode("utf-8", errors="replace")

@@ -1,0 +1,107 @@
+"""train.engine=deepspeed against the native engine: the same losses and gradient norms at EP=2
+(ZeRO 0, 1 and 2), checkpoints that switch engine on resume, non-finite steps, the launchers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from epmoe.config import ConfigError
+from epmoe.launch.commands import free_port
+from epmoe.train.cli import load_config
+
+from .conftest import REPO, TINY
+from .test_expert_parallel import EP_TRAIN, _train_worker
+
+RUN = [*TINY, *EP_TRAIN, "parallel.ep=2", "train.checkpoint_every=10", "logger.progress=false"]
+ENGINES = {"native": [], **{f"zero{s}": ["train.engine=deepspeed", f"train.zero_stage={s}"] for s in (0, 1, 2)}}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _spawn(overrides: list[str], run_dir: Path) -> dict:
+    """Train at world 2 (gloo); rank 0's losses and held-out loss."""
+    out = run_dir.with_suffix(".json")
+    mp.spawn(_train_worker, args=(2, free_port(), overrides, str(run_dir), str(out)), nprocs=2)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def ep2_runs(tmp_path_factory: pytest.TempPathFactory, text_corpus_dir: Path) -> dict[str, Path]:
+    """20 steps at EP=2 with each engine (checkpoints at steps 10 and 20): name -> run directory."""
+    root = tmp_path_factory.mktemp("engines")
+    runs = {}
+    for name, extra in ENGINES.items():
+        _spawn([*RUN, "data=text", f"data.path={text_corpus_dir}", *extra], root / name)
+        runs[name] = root / name
+    return runs
+
+
+def test_deepspeed_losses_and_norms_match_the_native_engine_at_ep2(ep2_runs: dict[str, Path]) -> None:
+    native = _records(ep2_runs["native"])
+    assert len(native) == 20 and native[-1]["loss"] < native[0]["loss"]
+    assert max(r["grad_norm"] for r in native) > 1.0  # clipping (train.grad_clip=1) took part
+    for name in ("zero0", "zero1", "zero2"):
+        ds = _records(ep2_runs[name])
+        assert len(ds) == 20
+        for a, b in zip(native, ds):
+            assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), f"{name} step {a['step']}: {a} vs {b}"
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], f"{name} step {a['step']}"
+        assert ds[-1]["val_loss"] == pytest.approx(native[-1]["val_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(("saved_by", "resumed_by"), [("zero2", "native"), ("native", "zero1")])
+def test_a_checkpoint_resumes_under_the_other_engine_with_the_same_losses(
+    saved_by: str, resumed_by: str, ep2_runs: dict[str, Path], tmp_path: Path, text_corpus_dir: Path
+) -> None:
+    uninterrupted = [r["loss"] for r in _records(ep2_runs[saved_by])][10:]
+    ckpt = ep2_runs[saved_by] / "checkpoints" / "step_00000010"
+    resumed = _spawn([*RUN, "data=text", f"data.path={text_corpus_dir}", *ENGINES[resumed_by],
+                      f"train.resume={ckpt}"], tmp_path / "resumed")  # fmt: skip
+    assert len(resumed["losses"]) == 10
+    for step, (a, b) in enumerate(zip(uninterrupted, resumed["losses"]), 11):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: {saved_by} {a} vs resumed by {resumed_by} {b}"
+
+
+def test_deepspeed_under_torchrun_skips_an_injected_nan_step(tmp_path: Path, text_corpus: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "epmoe.launch", "launcher=torchrun", "launcher.nproc_per_node=2",
+                           "parallel.ep=2", *TINY, "data=text", f"data.path={text_corpus}", "train.engine=deepspeed",
+                           "train.zero_stage=2", "train.fault.nan_at_step=4", "train.on_nonfinite=skip",
+                           f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "engine deepspeed (ZeRO 2)" in proc.stderr
+    records = _records(run_dir)
+    assert [r["step"] for r in records if r.get("skipped_nonfinite")] == [4]
+    assert records[-1]["loss"] < records[0]["loss"] and all(r["grad_norm"] == r["grad_norm"] for r in records[4:])
+
+
+def test_deepspeed_in_one_process_aborts_on_a_nan_with_the_last_good_state(tmp_path: Path, text_corpus: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "epmoe.train", *TINY, "data=text", f"data.path={text_corpus}",
+                           "train.engine=deepspeed", "train.zero_stage=1", "train.fault.nan_at_step=4",
+                           f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite training step 4 (loss nan") and "last good state (step 3)" in last
+    assert (run_dir / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+
+
+def test_engine_settings_are_checked_before_anything_runs() -> None:
+    with pytest.raises(ConfigError, match=r"^train.zero_stage \(1\) needs train.engine=deepspeed"):
+        load_config(["train.zero_stage=1"])
+    with pytest.raises(ConfigError, match=r"^train.zero_stage=3 is not one of 0, 1, 2$"):
+        load_config(["train.engine=deepspeed", "train.zero_stage=3"])
+    with pytest.raises(ConfigError, match=r"^train.engine='zero' is not one of native, deepspeed$"):
+        load_config(["train.engine=zero"])
+    with pytest.raises(ConfigError, match=r"DeepSpeed's ZeRO partitions: use train.engine=native"):
+        load_config(["train.engine=deepspeed", "parallel.ep=2", "placement=balanced", "placement.rebalance_every=5"])
