@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from epmoe.config import ModelConfig, RouterConfig
+from epmoe.host_memory import retain_freed_host_memory
 from epmoe.model.experts import MLP, auto_impl
 from epmoe.model.moe import MoE
 
@@ -173,7 +174,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per path first")
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
     parser.add_argument("--dtype", choices=[*DTYPES, "all"], default="all")
+    parser.add_argument("--host-memory", choices=["retain", "release"], default="retain",
+                        help="retain: freed host memory stays for reuse, as in training (epmoe.host_memory.py); "
+                             "release: glibc's default (big blocks unmapped on free)")  # fmt: skip
     args = parser.parse_args()
+    if args.host_memory == "retain":
+        retain_freed_host_memory()
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps ({args.steps}) must be >= 1 and --warmup ({args.warmup}) >= 0")
 

@@ -78,6 +78,7 @@ from epmoe.comm.communicator import TorchCommunicator
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.pipelined import PipelinedDispatcher
 from epmoe.comm.timing import Exchange, TimedCommunicator, union_seconds
+from epmoe.host_memory import retain_freed_host_memory
 from epmoe.model.experts import MLP
 from epmoe.parallel.expert_parallel import apply_expert_parallel
 
@@ -260,6 +261,8 @@ def rank_entry(
     """A rank process: join the group (then call after_init), time the variants, rank 0 writes the summary."""
     if args.iface:
         os.environ["GLOO_SOCKET_IFNAME"] = args.iface
+    if args.host_memory == "retain":
+        retain_freed_host_memory()
     dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=WORLD)
     try:
         if after_init is not None:
@@ -426,6 +429,9 @@ def rank_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median taken)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--timeout", type=float, default=900, help="seconds the ranks of one link may take")
+    parser.add_argument("--host-memory", choices=["retain", "release"], default="retain",
+                        help="retain: freed host memory stays for reuse, as in training (epmoe.host_memory.py); "
+                             "release: glibc's default (big blocks unmapped on free)")  # fmt: skip
     # set by the launching process for the rank processes
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--init", default=None, help=argparse.SUPPRESS)
@@ -443,7 +449,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def forward_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    return ["--workload", *args.workload, "--steps", str(args.steps), "--warmup", str(args.warmup), *extra]
+    return ["--workload", *args.workload, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--host-memory", args.host_memory, *extra]  # fmt: skip
 
 
 def main() -> None:

@@ -6,11 +6,14 @@ Everything outside comm/ calls these instead of torch.distributed.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -113,6 +116,21 @@ def peer_failures_as_errors(timeout_s: float) -> Iterator[None]:
             f"a collective failed ({first}): another rank probably died or hung; see its log "
             f"(collectives wait at most train.collective_timeout_s={timeout_s:g} s)"
         ) from None
+
+
+def end_process(code: int) -> NoReturn:
+    """End a rank's process whose work is done and written: flush, then exit without running
+    the interpreter's teardown.
+
+    NOTE: torch's C++ teardown of a finished rank (process-group and store threads, destroyed
+    at interpreter exit) has aborted it now and then on these 2-core machines ("terminate called
+    without an active exception", SIGABRT), after its last step, checkpoint and log line; a
+    launcher would count that finished rank as a crash and restart the job.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def shutdown() -> None:

@@ -36,7 +36,7 @@ REPLACE = ["placement=redundant", "placement.rebalance_every=4", "placement.slot
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str, out: str, sigint_step: int) -> None:
     """One rank of a training run; rank 1 sends itself SIGINT before step `sigint_step` (-1: never)."""
-    from epmoe.comm.process import shutdown
+    from epmoe.comm.process import end_process
     from epmoe.train import loop
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str
     except KeyboardInterrupt:
         record = {"interrupted": True}
     Path(f"{out}.{rank}").write_text(json.dumps(record))
-    shutdown()
+    end_process(0)  # as the rank entry point ends (see end_process)
 
 
 def _spawn(world: int, overrides: list[str], run_dir: Path, sigint_step: int = -1) -> list[dict]:

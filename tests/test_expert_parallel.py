@@ -122,7 +122,7 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_di
     import json
     import os
 
-    from epmoe.comm.process import shutdown
+    from epmoe.comm.process import end_process
     from epmoe.train.cli import load_config
     from epmoe.train.loop import train
 
@@ -132,7 +132,7 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_di
     result = train(load_config(overrides), Path(run_dir))
     if rank == 0:
         Path(out).write_text(json.dumps({"losses": result.losses, "val": result.val_loss}))
-    shutdown()
+    end_process(0)  # as the rank entry point ends (see end_process)
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from epmoe.config import ModelConfig, RouterConfig
+from epmoe.model import experts
 from epmoe.model.dispatch import LocalDispatcher
-from epmoe.model.experts import MLP, GroupedExperts, auto_impl
+from epmoe.model.experts import HAS_GROUPED_MM, MLP, GroupedExperts, auto_impl
 from epmoe.model.moe import MoE
 from epmoe.model.permute import make_permutation, permute, unpermute
 from epmoe.model.router import Routing
@@ -317,9 +318,13 @@ def test_combine_matches_the_scatter_reference_with_drops():
     assert torch.equal(unpermute(y_ND, perm, w_TK)[2], torch.zeros(D, dtype=torch.float64))  # all dropped
 
 
-def test_auto_expert_path_on_cpu_fuses_dispatch_only_for_large_sorted_rows():
-    assert auto_impl(torch.device("cpu"), 32 << 20) == "fused"
-    assert auto_impl(torch.device("cpu"), (32 << 20) - 1) == "loop"
+def test_auto_expert_path_on_cpu_picks_by_sorted_row_bytes_and_retained_host_memory(monkeypatch):
+    cpu = torch.device("cpu")
+    assert auto_impl(cpu, (32 << 20) - 1, memory_retained=True) == "loop"
+    assert auto_impl(cpu, 32 << 20, memory_retained=False) == "fused"
+    assert HAS_GROUPED_MM  # torch 2.13, as the Makefile pins
+    assert auto_impl(cpu, 32 << 20, memory_retained=True) == "grouped"
+    monkeypatch.setattr(experts, "host_memory_retained", lambda: False)  # glibc's default malloc
     torch.manual_seed(0)
     auto = GroupedExperts(3, 8, 16, "swiglu", impl="auto")
     # fp32 rows of width 8 are 32 bytes: top-2 of 2**19 tokens is exactly 32 MB of sorted rows

@@ -9,10 +9,13 @@ Paths that compute the same function:
   readable reference every other path is tested against (outputs and gradients);
 - `fused` (single device only): `forward_fused` skips the sorted rows altogether, see
   fused_experts.py; the LocalDispatcher takes it when `fuses_dispatch` says so.
-`auto` (the default) takes `grouped` on CUDA; on CPU it fuses dispatch when the sorted rows
-would be large (see `auto_impl`) and runs the loop otherwise. With torch 2.13 on a 2-core
-AVX-512 CPU, `_grouped_mm` was slower than the plain loop on every workload of
-benchmarks/layer.py.
+`auto` (the default) takes `grouped` on CUDA. On CPU it runs the loop for small sorted rows;
+for large ones (see `auto_impl`) `grouped` where the process retains freed host memory (the
+training program makes it, host_memory.py), else `fused`, which allocates no large buffer.
+benchmarks/layer.py, torch 2.13, 2-core AVX-512 CPU, MoE/dense with memory retained:
+fine-grained fp32 grouped 1.10, fused 1.19, loop 1.18; bf16 autocast grouped 1.46, fused 1.81;
+coarse even. With glibc's default every big buffer is page-faulted afresh each step and
+grouped fell to 1.48 (fused 0.89, against a dense floor that pays the faults too).
 """
 
 from __future__ import annotations
@@ -23,26 +26,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from epmoe.host_memory import host_memory_retained
 from epmoe.model.fused_experts import GatherFFNScatter
 from epmoe.model.permute import Permutation
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
-# glibc's mmap threshold: buffers this large are fresh, page-faulted memory on every step
+# glibc's default mmap threshold: buffers this large are fresh, page-faulted memory on every
+# step unless the process retains freed host memory
 FUSE_MIN_BYTES = 32 << 20
 
 
-def auto_impl(device: torch.device, sorted_rows_bytes: int) -> str:
+def auto_impl(device: torch.device, sorted_rows_bytes: int, memory_retained: bool | None = None) -> str:
     """The path `expert_impl=auto` takes for (T*K, D) sorted rows of this size on `device`.
 
-    CUDA: grouped GEMM. CPU: fused once the sorted rows would reach FUSE_MIN_BYTES (the
-    fine-grained workload of benchmarks/layer.py), else the loop, which was a few percent
-    faster than fused on the small `make train` model (2-core CPU, torch 2.13).
+    CUDA: grouped GEMM. CPU: below FUSE_MIN_BYTES the loop (a few percent faster than fused on
+    the small `make train` model); from there grouped where freed host memory is retained, else
+    fused (see the module docstring). memory_retained: None = ask host_memory.
     """
     if device.type == "cuda" and HAS_GROUPED_MM:
         return "grouped"
-    return "fused" if sorted_rows_bytes >= FUSE_MIN_BYTES else "loop"
+    if sorted_rows_bytes < FUSE_MIN_BYTES:
+        return "loop"
+    if memory_retained is None:
+        memory_retained = host_memory_retained()
+    return "grouped" if HAS_GROUPED_MM and memory_retained else "fused"
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from epmoe.comm.parallel_dims import ParallelConfigError
-from epmoe.comm.process import PeerLostError, peer_failures_as_errors
+from epmoe.comm.process import PeerLostError, end_process, peer_failures_as_errors
 from epmoe.config import ConfigError, register_configs
 from epmoe.train.checkpoint import CheckpointError
 from epmoe.train.cli import CONFIG_NAME, load_config, to_config
@@ -83,7 +83,11 @@ def main() -> None:
             load_config([a for a in argv if not a.startswith("-")])
         except ConfigError as e:
             _fail(str(e))
-    _run()
+    try:
+        _run()
+    except SystemExit as e:  # _fail's exit code, or Hydra's
+        end_process(e.code if isinstance(e.code, int) else 1)
+    end_process(0)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from epmoe.comm.communicator import ep_communicator
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import RankInfo, all_reduce_sum_, init_from_env
 from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
+from epmoe.host_memory import retain_freed_host_memory
 from epmoe.model.router import Routing
 from epmoe.model.transformer import Transformer
 from epmoe.parallel.chunk_tuner import ChunkTuner
@@ -177,6 +178,7 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     if t_cfg.threads > 0:
         torch.set_num_threads(t_cfg.threads)
+    retain_freed_host_memory()  # big per-step CPU tensors reuse freed memory instead of faulting in fresh pages
     torch.manual_seed(t_cfg.seed)
 
     data = load_splits(cfg.data, cfg.model.vocab_size)
