@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from epmoe.config import ConfigError
@@ -94,6 +95,19 @@ def test_deepspeed_in_one_process_aborts_on_a_nan_with_the_last_good_state(tmp_p
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: non-finite training step 4 (loss nan") and "last good state (step 3)" in last
     assert (run_dir / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+    # ZeRO keeps parameters as views into flat buffers that also hold the experts; the
+    # non-expert file must hold its own tensors' bytes only
+    common = run_dir / "checkpoints" / "step_00000003" / "common.pt"
+    state = torch.load(common, weights_only=True)
+    tensor_bytes = sum(t.numel() * t.element_size() for part in ("model", "optimizer") for t in _tensors(state[part]))
+    assert common.stat().st_size < 1.1 * tensor_bytes
+
+
+def _tensors(tree: object) -> list[torch.Tensor]:
+    if torch.is_tensor(tree):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list | tuple) else []
+    return [t for item in items for t in _tensors(item)]
 
 
 def test_engine_settings_are_checked_before_anything_runs() -> None:

@@ -146,6 +146,12 @@ def _expert_state(model: nn.Module, optimizer: torch.optim.Optimizer, placement:
     return out
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t, copied where it is a view into a larger storage (torch.save writes whole storages;
+    DeepSpeed's ZeRO keeps the parameters in flat buffers that hold the experts too)."""
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+
+
 def _common_state(model, optimizer, scheduler, routing_window: RoutingStats | None) -> dict:
     """Rank 0's non-expert state; the optimizer's is keyed by parameter name, not position."""
     experts = _expert_params(model)
@@ -160,7 +166,7 @@ def _common_state(model, optimizer, scheduler, routing_window: RoutingStats | No
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
     state = {
-        "model": {k: v for k, v in model.state_dict().items() if k not in experts},
+        "model": {k: _own_storage(v) for k, v in model.state_dict().items() if k not in experts},
         "optimizer": {
             "param_groups": groups,
             "state": {names[i]: s for i, s in opt["state"].items() if names[i] not in experts},
