@@ -168,18 +168,26 @@ def bench(wl: Workload, dtype_name: str, warmup: int, timed: int) -> list[tuple[
     return [(path, ms[path], ms["dense"]) for path in PATHS]
 
 
+def add_host_memory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host-memory", choices=["retain", "release"], default="retain",
+                        help="retain: freed host memory stays for reuse, as in training (epmoe/host_memory.py); "
+                             "release: glibc's default (big blocks unmapped on free)")  # fmt: skip
+
+
+def apply_host_memory_option(args: argparse.Namespace) -> None:
+    if args.host_memory == "retain":
+        retain_freed_host_memory()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per path (median taken)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per path first")
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
     parser.add_argument("--dtype", choices=[*DTYPES, "all"], default="all")
-    parser.add_argument("--host-memory", choices=["retain", "release"], default="retain",
-                        help="retain: freed host memory stays for reuse, as in training (epmoe.host_memory.py); "
-                             "release: glibc's default (big blocks unmapped on free)")  # fmt: skip
+    add_host_memory_option(parser)
     args = parser.parse_args()
-    if args.host_memory == "retain":
-        retain_freed_host_memory()
+    apply_host_memory_option(args)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps ({args.steps}) must be >= 1 and --warmup ({args.warmup}) >= 0")
 

@@ -72,13 +72,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from layer import WORKLOADS, Workload, build_moe
+from layer import WORKLOADS, Workload, add_host_memory_option, apply_host_memory_option, build_moe
 
 from epmoe.comm.communicator import TorchCommunicator
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.pipelined import PipelinedDispatcher
 from epmoe.comm.timing import Exchange, TimedCommunicator, union_seconds
-from epmoe.host_memory import retain_freed_host_memory
 from epmoe.model.experts import MLP
 from epmoe.parallel.expert_parallel import apply_expert_parallel
 
@@ -261,8 +260,7 @@ def rank_entry(
     """A rank process: join the group (then call after_init), time the variants, rank 0 writes the summary."""
     if args.iface:
         os.environ["GLOO_SOCKET_IFNAME"] = args.iface
-    if args.host_memory == "retain":
-        retain_freed_host_memory()
+    apply_host_memory_option(args)
     dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=WORLD)
     try:
         if after_init is not None:
@@ -429,9 +427,7 @@ def rank_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median taken)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--timeout", type=float, default=900, help="seconds the ranks of one link may take")
-    parser.add_argument("--host-memory", choices=["retain", "release"], default="retain",
-                        help="retain: freed host memory stays for reuse, as in training (epmoe.host_memory.py); "
-                             "release: glibc's default (big blocks unmapped on free)")  # fmt: skip
+    add_host_memory_option(parser)
     # set by the launching process for the rank processes
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--init", default=None, help=argparse.SUPPRESS)

@@ -28,12 +28,11 @@ MAX_BLOCK_BYTES = 1 << 30  # blocks up to this size come from the heap and go ba
 def retain_freed_host_memory() -> bool:
     """Make this process's malloc keep freed blocks up to 1 GiB; True where it could (glibc)."""
     name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):  # not glibc: no mallopt
+    if name is None:
         return False
-    if mallopt is None:
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc: no mallopt
         return False
     # NOTE: mallopt returns 1 on success; the trim threshold first, so the heap never shrinks below a kept block
     return bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(M_MMAP_THRESHOLD, MAX_BLOCK_BYTES))

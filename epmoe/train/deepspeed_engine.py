@@ -35,7 +35,7 @@ from epmoe.model.moe import MoE
 from epmoe.model.transformer import LMOutput, Transformer
 from epmoe.parallel.expert_parallel import moe_layers
 from epmoe.parallel.gradients import clip_global_norm_, split_params
-from epmoe.train.engine import build_optimizer, build_schedule
+from epmoe.train.engine import build_optimizer, build_schedule, max_grad_norm
 
 if TYPE_CHECKING:
     from epmoe.train.loop import Parallel
@@ -105,8 +105,8 @@ class DeepSpeedEngine:
     def prepare(self) -> float | None:
         if self.zero:
             return None  # ZeRO clips inside its step, with the norm it computes there
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        self._norm = clip_global_norm_(self.model, self.par.dims, max_norm)  # DeepSpeed reduced them in backward
+        # DeepSpeed reduced the gradients in backward
+        self._norm = clip_global_norm_(self.model, self.par.dims, max_grad_norm(self.cfg))
         return self._norm
 
     def update(self) -> tuple[bool, float]:
@@ -116,13 +116,12 @@ class DeepSpeedEngine:
         return True, self._norm
 
     def skip(self) -> float | None:
-        if self.zero:  # a non-finite loss has non-finite gradients: ZeRO's step discards them
-            self.ds.step()
-            return float(self.ds.get_global_grad_norm())
-        for p in self.model.parameters():
-            p.grad = None  # AdamW leaves parameters without gradients alone
-        self.ds.step()  # DeepSpeed's micro-step count stays with ours
-        return self._norm
+        # a non-finite loss has non-finite gradients, which ZeRO's step discards itself
+        if not self.zero:
+            for p in self.model.parameters():
+                p.grad = None  # AdamW leaves parameters without gradients alone
+        self.ds.step()  # also keeps DeepSpeed's micro-step count with ours
+        return float(self.ds.get_global_grad_norm()) if self.zero else self._norm
 
     def schedule_step(self) -> None:
         self.scheduler.step()
@@ -131,12 +130,11 @@ class DeepSpeedEngine:
         """A native AdamW and schedule holding this engine's state (collective under ZeRO)."""
         view = build_optimizer(self.model, self.cfg)
         step = self._adam_step()
-        if self.zero and step > 0:
-            self._link_zero_state()
-        for p in self.model.parameters():
-            if step == 0:
-                break  # no update yet: AdamW has no state
-            view.state[p] = {"step": torch.tensor(float(step)), **{k: self._full_state(p, k) for k in ADAM_STATE}}
+        if step > 0:  # before the first update AdamW has no state
+            if self.zero:
+                self._link_zero_state()
+            for p in self.model.parameters():
+                view.state[p] = {"step": torch.tensor(float(step)), **{k: self._full_state(p, k) for k in ADAM_STATE}}
         schedule = build_schedule(view, self.cfg)
         state, n = self.scheduler.state_dict(), len(view.param_groups)
         # NOTE: every group has the same base lr, so the native layout keeps the first n entries

@@ -50,6 +50,11 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Lambda
     return LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 
 
+def max_grad_norm(cfg: TrainConfig) -> float:
+    """The norm gradients are clipped to (train.grad_clip; 0 = off: only measured)."""
+    return cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -99,8 +104,7 @@ class NativeEngine:
             if placement is not None and placement.has_replicas:
                 replicas = replica_rows(self.model, placement, par.dims.ep_rank(par.info.rank))
                 reduce_replica_grads(replicas, par.dims.num_experts, par.dims)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        self._norm = clip_global_norm_(self.model, par.dims, max_norm, norm_weights(replicas))
+        self._norm = clip_global_norm_(self.model, par.dims, max_grad_norm(self.cfg), norm_weights(replicas))
         return self._norm
 
     def update(self) -> tuple[bool, float]:
