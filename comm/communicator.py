@@ -37,11 +37,28 @@ class _Pending:
         return self.result
 
 
+def _receive_buffer(x_ND: torch.Tensor, output_splits: list[int], out_MD: torch.Tensor | None) -> torch.Tensor:
+    shape = (sum(output_splits), *x_ND.shape[1:])
+    if out_MD is None:
+        return x_ND.new_empty(shape)
+    if out_MD.shape != shape or out_MD.dtype != x_ND.dtype or not out_MD.is_contiguous():
+        raise ValueError(
+            f"all_to_all_v: out_MD must be contiguous {x_ND.dtype} of shape {shape}, got {out_MD.dtype} "
+            f"{tuple(out_MD.shape)} (contiguous: {out_MD.is_contiguous()})"
+        )
+    return out_MD
+
+
 class Communicator(Protocol):
     size: int  # ranks in the group
     rank: int  # this process's index in the group
 
-    def all_to_all_v(self, x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> Handle: ...
+    def all_to_all_v(
+        self, x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], out_MD: torch.Tensor | None = None
+    ) -> Handle:
+        """Send input_splits[r] rows of x_ND to rank r, receive output_splits[r] from it, into
+        out_MD (contiguous, M = sum(output_splits) rows, x_ND's dtype) or a new tensor."""
+        ...
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> Handle: ...
 
@@ -51,8 +68,8 @@ class TorchCommunicator:
         self.group = group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
 
-    def all_to_all_v(self, x_ND, output_splits, input_splits) -> Handle:
-        y_MD = x_ND.new_empty(sum(output_splits), *x_ND.shape[1:])
+    def all_to_all_v(self, x_ND, output_splits, input_splits, out_MD=None) -> Handle:
+        y_MD = _receive_buffer(x_ND, output_splits, out_MD)
         work = dist.all_to_all_single(y_MD, x_ND.contiguous(), output_splits, input_splits, group=self.group,
                                       async_op=True)  # fmt: skip
         return _Pending(y_MD, work.wait, work.get_future())
@@ -69,14 +86,14 @@ class MPICommunicator:
         self.comm = mpi_comm
         self.size, self.rank = mpi_comm.Get_size(), mpi_comm.Get_rank()
 
-    def all_to_all_v(self, x_ND, output_splits, input_splits) -> Handle:
+    def all_to_all_v(self, x_ND, output_splits, input_splits, out_MD=None) -> Handle:
         from mpi4py import MPI
 
         x_ND = x_ND.contiguous()
         if x_ND.device.type != "cpu":
             raise RuntimeError("comm.backend=mpi exchanges CPU tensors; use comm.backend=torch (nccl) on GPU")
         row = math.prod(x_ND.shape[1:])  # elements per row (works for 0 rows too)
-        y_MD = x_ND.new_empty(sum(output_splits), *x_ND.shape[1:])
+        y_MD = _receive_buffer(x_ND, output_splits, out_MD)
         kind = MPI._typedict[x_ND.numpy().dtype.char]  # noqa: SLF001  (mpi4py's dtype table)
 
         def layout(splits: list[int]) -> tuple[list[int], list[int]]:

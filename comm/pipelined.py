@@ -15,7 +15,9 @@ same permute / unpermute around the experts. Only the order of the work changes:
    and compute them, issue chunk i's return all-to-all (it travels while chunk i+1 computes);
 5. wait for the returns and put every row back in its place; unpermute weights and sums per token.
 The rows bound for a peer rank are cut into C contiguous pieces (`split_counts`); chunk c holds
-piece c of every peer's rows. Backward is one autograd.Function running the same pipeline on the
+piece c of every peer's rows. Where those are one contiguous run of x_ND (always at EP=2: one
+peer), the chunk is sent as a view and its returns are received straight into y_ND; received
+rows are regrouped by local expert only where they come from several peers: no copies otherwise. Backward is one autograd.Function running the same pipeline on the
 gradients: chunk i+1's output gradients travel while chunk i's expert graph is differentiated,
 and chunk i's input gradients travel back while chunk i+1's is.
 
@@ -58,12 +60,17 @@ def split_counts(counts_L: list[int], chunks: int) -> list[list[int]]:
 
 
 def _transpose_segments(rows: torch.Tensor, counts_AB: list[list[int]]) -> torch.Tensor:
-    """Rows grouped (a, b)-major into counts_AB[a][b]-row segments, regrouped (b, a)-major."""
-    A, B = len(counts_AB), len(counts_AB[0])
-    if A == 1 or B == 1:
+    """Rows grouped (a, b)-major into counts_AB[a][b]-row segments, regrouped (b, a)-major.
+
+    Returns `rows` itself (no copy) when the non-empty segments already lie in that order, as
+    they always do when a single a has rows (at EP=2 every received chunk comes from one peer).
+    """
+    B = len(counts_AB[0])
+    order = [a * B + b for b in range(B) for a in range(len(counts_AB)) if counts_AB[a][b]]
+    if order == sorted(order):
         return rows
     pieces = rows.split([n for counts_B in counts_AB for n in counts_B])
-    return torch.cat([pieces[a * B + b] for b in range(B) for a in range(A)])
+    return torch.cat([pieces[i] for i in order])
 
 
 def _transposed(counts_AB: list[list[int]]) -> list[list[int]]:
@@ -105,13 +112,18 @@ class _Plan:
     def local_rows(self) -> slice:
         return slice(self.start_R[self.me], self.start_R[self.me] + sum(self.local_L))
 
-    def send_rows(self, c: int) -> list[slice]:
-        """Chunk c's rows of x_ND (and of y_ND, g_ND, dx_ND), one slice per rank, in rank order."""
-        slices = []
+    def send_runs(self, c: int) -> list[slice]:
+        """Chunk c's rows of x_ND (and of y_ND, g_ND, dx_ND) in the order they travel (rank order),
+        as maximal runs of contiguous rows: one run when they go to a single peer (always at EP=2)."""
+        runs: list[slice] = []
         for r, start in enumerate(self.start_R):
             first = start + sum(sum(self.send_CRL[b][r]) for b in range(c))
-            slices.append(slice(first, first + sum(self.send_CRL[c][r])))
-        return slices
+            n = sum(self.send_CRL[c][r])
+            if n and runs and runs[-1].stop == first:
+                runs[-1] = slice(runs[-1].start, first + n)
+            elif n:
+                runs.append(slice(first, first + n))
+        return runs
 
 
 class _Arrival:
@@ -122,6 +134,21 @@ class _Arrival:
 
     def wait(self) -> torch.Tensor:
         return self.handle.wait().to(self.dtype)
+
+
+class _Landing:
+    """A return exchange's handle: wait() puts the arrived rows (wire dtype) into `runs` of out_ND,
+    cast on the way, unless they were received straight into out_ND (in_place)."""
+
+    def __init__(self, handle: Handle, out_ND: torch.Tensor, runs: list[slice], in_place: bool):
+        self.handle, self.out_ND, self.runs, self.in_place = handle, out_ND, runs, in_place
+
+    def wait(self) -> torch.Tensor:
+        rows = self.handle.wait()
+        if not self.in_place:
+            for run, piece in zip(self.runs, rows.split([run.stop - run.start for run in self.runs])):
+                self.out_ND[run] = piece
+        return self.out_ND
 
 
 class _Pipeline:
@@ -153,20 +180,24 @@ class _Pipeline:
         # (leaf input rows, output rows) of each expert call that had rows, by its counts_CL index
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _issue(self, rows_ND: torch.Tensor, c: int, forward: bool) -> Handle:
-        """All-to-all of chunk c: rows travel to their experts (forward) or back to their senders."""
+    def _wire(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.payload_dtype is None else rows.to(self.payload_dtype)
+
+    def _send_out(self, rows_ND: torch.Tensor, c: int) -> Handle:
+        """Chunk c's rows of rows_ND travel to their experts; the handle gives the arrived rows."""
+        runs = self.plan.send_runs(c)
+        # NOTE: a single run is sent as a view of rows_ND: nothing may write rows_ND meanwhile
+        rows = rows_ND[runs[0]] if len(runs) == 1 else torch.cat([rows_ND[run] for run in runs] or [rows_ND[:0]])
+        handle = self.comm.all_to_all_v(self._wire(rows), self.plan.recv_splits(c), self.plan.send_splits(c))
+        return handle if self.payload_dtype is None else _Arrival(handle, self.x_dtype)
+
+    def _send_back(self, rows_MD: torch.Tensor, c: int, out_ND: torch.Tensor) -> Handle:
+        """Chunk c's computed rows travel back to their senders, landing in their rows of out_ND."""
+        runs = self.plan.send_runs(c)
+        in_place = len(runs) == 1 and (self.payload_dtype in (None, out_ND.dtype))
         send, recv = self.plan.send_splits(c), self.plan.recv_splits(c)
-        out_splits, in_splits = (recv, send) if forward else (send, recv)
-        if self.payload_dtype is None:
-            return self.comm.all_to_all_v(rows_ND, out_splits, in_splits)
-        return _Arrival(self.comm.all_to_all_v(rows_ND.to(self.payload_dtype), out_splits, in_splits), self.x_dtype)
-
-    def _gather(self, rows_ND: torch.Tensor, c: int) -> torch.Tensor:
-        return torch.cat([rows_ND[s] for s in self.plan.send_rows(c)])
-
-    def _scatter(self, out_ND: torch.Tensor, rows: torch.Tensor, c: int) -> None:
-        for s, piece in zip(self.plan.send_rows(c), rows.split(self.plan.send_splits(c))):
-            out_ND[s] = piece
+        handle = self.comm.all_to_all_v(self._wire(rows_MD), send, recv, out_ND[runs[0]] if in_place else None)
+        return _Landing(handle, out_ND, runs, in_place)
 
     def _compute(self, x_MD: torch.Tensor, recv_RL: list[list[int]], index: int, needs_grad: bool) -> torch.Tensor:
         """Expert outputs of rows grouped by (source rank, local expert); keeps the graph for backward."""
@@ -203,18 +234,18 @@ class _Pipeline:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         plan, C = self.plan, self.chunks
         y_ND = x_ND.new_empty(x_ND.shape)
-        sending = self._issue(self._gather(x_ND, 0), 0, forward=True)
+        sending = self._send_out(x_ND, 0)
         side_out_TD = self._side_forward(side_in_TD, needs_grad)  # while chunk 0 travels
         y_local = self._compute(x_ND[plan.local_rows()], [plan.local_L], C, needs_grad)
         returning = []
         for c in range(C):
             x_MD = sending.wait()
             if c + 1 < C:
-                sending = self._issue(self._gather(x_ND, c + 1), c + 1, forward=True)
-            returning.append(self._issue(self._compute(x_MD, plan.recv_CRL[c], c, needs_grad), c, forward=False))
+                sending = self._send_out(x_ND, c + 1)
+            returning.append(self._send_back(self._compute(x_MD, plan.recv_CRL[c], c, needs_grad), c, y_ND))
         y_ND[plan.local_rows()] = y_local
-        for c, handle in enumerate(returning):
-            self._scatter(y_ND, handle.wait(), c)
+        for handle in returning:
+            handle.wait()
         return y_ND, side_out_TD
 
     def _differentiate(self, g_MD: torch.Tensor, index: int, grads: list[torch.Tensor | None]) -> torch.Tensor:
@@ -234,18 +265,18 @@ class _Pipeline:
         plan, C = self.plan, self.chunks
         grads: list[torch.Tensor | None] = [None] * len(self.params)
         dx_ND = g_ND.new_empty(g_ND.shape, dtype=self.x_dtype)
-        sending = self._issue(self._gather(g_ND, 0), 0, forward=True)
+        sending = self._send_out(g_ND, 0)
         d_side_in, side_grads = self._side_backward(g_side_TD)  # while chunk 0's gradients travel
         dx_local = self._differentiate(g_ND[plan.local_rows()], C, grads)
         returning = []
         for c in range(C):
             g_MD = sending.wait()
             if c + 1 < C:
-                sending = self._issue(self._gather(g_ND, c + 1), c + 1, forward=True)
-            returning.append(self._issue(self._differentiate(g_MD, c, grads), c, forward=False))
+                sending = self._send_out(g_ND, c + 1)
+            returning.append(self._send_back(self._differentiate(g_MD, c, grads), c, dx_ND))
         dx_ND[plan.local_rows()] = dx_local
-        for c, handle in enumerate(returning):
-            self._scatter(dx_ND, handle.wait(), c)
+        for handle in returning:
+            handle.wait()
         # a rank that computed no rows still owes each expert parameter a (zero) gradient
         expert_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         return dx_ND, d_side_in, expert_grads, side_grads

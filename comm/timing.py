@@ -72,11 +72,13 @@ class TimedCommunicator:
         self.stamp_completion = stamp_completion
         self.log: list[Exchange] = []
 
-    def all_to_all_v(self, x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> Handle:
+    def all_to_all_v(
+        self, x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], out_MD: torch.Tensor | None = None
+    ) -> Handle:
         row_bytes = x_ND[:1].numel() * x_ND.element_size()
         sent = sum(n for r, n in enumerate(input_splits) if r != self.rank) * row_bytes
         record = Exchange(time.perf_counter(), sent)
-        handle = self.inner.all_to_all_v(x_ND, output_splits, input_splits)
+        handle = self.inner.all_to_all_v(x_ND, output_splits, input_splits, out_MD)
         future = getattr(handle, "future", None)
         if future is not None and self.stamp_completion:
             future.add_done_callback(lambda _: setattr(record, "done_callback", time.perf_counter()))

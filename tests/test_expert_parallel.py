@@ -47,8 +47,9 @@ def _layer_worker(rank: int, world: int, ep: int, store: str) -> None:
     dist.destroy_process_group()
 
 
-def check_layer_cases(rank: int, world: int, dims: ParallelDims, comm=None) -> None:
-    """Every CASE on this rank; comm: the EP communicator (default: torch.distributed's EP group)."""
+def check_layer_cases(rank: int, world: int, dims: ParallelDims, comm=None, chunks: int | None = None) -> None:
+    """Every CASE on this rank; comm: the EP communicator (default: torch.distributed's EP group);
+    chunks: None for the plain all-to-all dispatcher, n for the pipelined one."""
     ep = dims.ep
     for top_k, shared, capacity, placement in CASES:
         cfg = ModelConfig(d_model=D, num_experts=16, expert_hidden=8, n_shared_experts=shared, shared_hidden=8,
@@ -56,7 +57,7 @@ def check_layer_cases(rank: int, world: int, dims: ParallelDims, comm=None) -> N
         torch.manual_seed(0)
         reference = MoE(cfg, RouterConfig(top_k=top_k, capacity_factor=capacity, aux_loss="none"))
         sharded = copy.deepcopy(reference)
-        apply_expert_parallel(sharded, dims, rank, placement, comm)
+        apply_expert_parallel(sharded, dims, rank, placement, comm, chunks=chunks)
 
         gen = torch.Generator().manual_seed(1)
         xs = [torch.randn(1, TOKENS_PER_RANK[r % 4], D, generator=gen) for r in range(world)]
@@ -176,7 +177,7 @@ def test_ep_layer_with_the_mpi_communicator_under_mpiexec() -> None:
     proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-m", "tests.mpi_ep_layer"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("mpi ep layer: all cases match") == 2
+    assert proc.stdout.count("mpi ep layer: all cases match, all-to-all and pipelined") == 2
 
 
 # --- online re-placement: experts move with their optimizer state; the math does not change ---

@@ -47,9 +47,9 @@ class _DtypeComm:
         self.comm, self.size, self.rank = comm, comm.size, comm.rank
         self.dtypes: list[torch.dtype] = []
 
-    def all_to_all_v(self, x_ND, output_splits, input_splits):
+    def all_to_all_v(self, x_ND, output_splits, input_splits, out_MD=None):
         self.dtypes.append(x_ND.dtype)
-        return self.comm.all_to_all_v(x_ND, output_splits, input_splits)
+        return self.comm.all_to_all_v(x_ND, output_splits, input_splits, out_MD)
 
 
 def _dispatcher(name: str, slot_of_expert_E: torch.Tensor, comm, payload_dtype: torch.dtype | None):

@@ -21,7 +21,7 @@ from torch import nn
 
 from epmoe.comm.communicator import TorchCommunicator
 from epmoe.comm.parallel_dims import ParallelDims
-from epmoe.comm.pipelined import PipelinedDispatcher, split_counts
+from epmoe.comm.pipelined import PipelinedDispatcher, _Plan, _transpose_segments, split_counts
 from epmoe.config import ModelConfig, RouterConfig
 from epmoe.model.moe import MoE
 from epmoe.parallel.expert_parallel import apply_expert_parallel
@@ -42,6 +42,41 @@ def test_split_counts_cuts_segments_into_contiguous_pieces_by_hand() -> None:
     assert split_counts([1, 0], 3) == [[0, 0], [0, 0], [1, 0]]
     assert split_counts([4, 2], 1) == [[4, 2]]
     assert split_counts([0, 0, 0], 2) == [[0, 0, 0], [0, 0, 0]]
+
+
+def test_send_runs_merge_adjacent_ranks_rows_by_hand() -> None:
+    # rank 1 of 3 sends 4 rows to rank 0, keeps 2 (its own, never exchanged), sends 6 to rank 2:
+    # x_ND rows [0, 4) -> rank 0, [4, 6) local, [6, 12) -> rank 2
+    plan = _Plan.build([[4], [2], [6]], [[1], [2], [3]], me=1, chunks=2)
+    assert plan.local_rows() == slice(4, 6)
+    assert plan.send_runs(0) == [slice(0, 2), slice(6, 9)]  # the first half of each peer's rows
+    assert plan.send_runs(1) == [slice(2, 4), slice(9, 12)]
+    # rank 0 of 3: its peers' rows are adjacent, so one chunk is one run (sent as a view, no copy)
+    plan = _Plan.build([[2], [3], [1]], [[2], [0], [5]], me=0, chunks=1)
+    assert plan.send_runs(0) == [slice(2, 6)]
+    assert plan.send_splits(0) == [0, 3, 1] and plan.recv_splits(0) == [0, 0, 5]
+
+
+def test_transpose_segments_regroups_and_skips_the_copy_when_already_in_order() -> None:
+    rows = torch.arange(6.0).unsqueeze(1)
+    # (a, b)-major segments a0b0=[0], a0b1=[1, 2], a1b0=[3, 4], a1b1=[5] -> (b, a)-major
+    assert _transpose_segments(rows, [[1, 2], [2, 1]]).squeeze(1).tolist() == [0, 3, 4, 1, 2, 5]
+    # only a=1 has rows (one peer sends them): the order is already (b, a)-major
+    assert _transpose_segments(rows, [[0, 0], [4, 2]]) is rows
+
+
+def test_all_to_all_lands_in_the_given_rows_and_rejects_a_wrong_buffer(tmp_path: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        comm = TorchCommunicator(None)
+        out_ND = torch.zeros(5, 2)
+        x_ND = torch.arange(6.0).view(3, 2)
+        assert comm.all_to_all_v(x_ND, [3], [3], out_ND[1:4]).wait().data_ptr() == out_ND[1].data_ptr()
+        assert out_ND.tolist() == [[0, 0], [0, 1], [2, 3], [4, 5], [0, 0]]
+        with pytest.raises(ValueError, match=r"out_MD must be contiguous torch.float32 of shape \(3, 2\)"):
+            comm.all_to_all_v(x_ND, [3], [3], out_ND[:2])
+    finally:
+        dist.destroy_process_group()
 
 
 class _FakeComm:
@@ -150,10 +185,10 @@ class _RecordingComm:
         self.comm, self.size, self.rank, self.log = comm, comm.size, comm.rank, log
         self.issued = itertools.count()
 
-    def all_to_all_v(self, x_ND, output_splits, input_splits):
+    def all_to_all_v(self, x_ND, output_splits, input_splits, out_MD=None):
         i = next(self.issued)
         self.log.append(f"issue {i}")
-        handle = self.comm.all_to_all_v(x_ND, output_splits, input_splits)
+        handle = self.comm.all_to_all_v(x_ND, output_splits, input_splits, out_MD)
         log = self.log
 
         class _Logged:

@@ -24,7 +24,7 @@ class _SlowComm:
     def __init__(self, delay: float):
         self.delay = delay
 
-    def all_to_all_v(self, x_ND, output_splits, input_splits):
+    def all_to_all_v(self, x_ND, output_splits, input_splits, out_MD=None):
         delay = self.delay
 
         class Handle:
