@@ -11,6 +11,8 @@ Variants, all on the same weights and tokens (hence the same routing):
   chunk i+1 travels while chunk i computes, returns travel while later chunks compute;
   C=1 overlaps only the local rows with the exchange;
 - `pipe-C-bf16`: the same with payload_dtype=bf16 (half the bytes on the wire);
+- `no-exchange`: an EP=2 rank's expert work with no exchange at all (see `no_exchange_variant`):
+  what expert parallelism would cost if the exchange were free;
 - `dense`: the FLOP-equivalent dense floor (MLP, SwiGLU, hidden = top_k x expert_hidden) on the
   same per-rank tokens, run in both processes at once: the same core contention, no exchange.
 
@@ -68,7 +70,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -81,6 +83,7 @@ from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.pipelined import PipelinedDispatcher
 from epmoe.comm.timing import Exchange, TimedCommunicator, union_seconds
 from epmoe.model.experts import MLP
+from epmoe.model.moe import MoE
 from epmoe.parallel.expert_parallel import apply_expert_parallel
 
 B, S, D = 8, 1024, 512  # 8192 tokens per rank
@@ -127,34 +130,47 @@ def barrier() -> None:
     dist.barrier()
 
 
-def epmoe_variant(chunks: int | None, payload: torch.dtype | None = None, impl: str = "auto") -> Factory:
-    """epmoe EP=2: chunks None = AllToAllDispatcher, else PipelinedDispatcher(chunks); impl: expert_impl."""
+def _moe_steps(moe: MoE, ctx: Context) -> tuple[Step, Callable[[], torch.Tensor]]:
+    def step() -> dict[str, float]:
+        moe.zero_grad(set_to_none=True)
+        ctx.x_BSD.grad = None
+        barrier()
+        ctx.comm.log.clear()
+        t0 = time.perf_counter()
+        y_BSD, routing = moe(ctx.x_BSD)
+        torch.autograd.backward([y_BSD, routing.aux_loss], [ctx.g_BSD, torch.ones_like(routing.aux_loss)])
+        return step_metrics(time.perf_counter() - t0, ctx.comm.log)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return moe(ctx.x_BSD)[0]
+
+    return step, forward
+
+
+def epmoe_variant(chunks: int | None, payload: torch.dtype | None = None) -> Factory:
+    """epmoe EP=2: chunks None = AllToAllDispatcher, else PipelinedDispatcher(chunks)."""
 
     def make(ctx: Context):
         torch.manual_seed(0)  # the same full layer on every rank and in every variant
-        moe = build_moe(ctx.wl, impl)
+        moe = build_moe(ctx.wl, "auto")
         dims = ParallelDims(world=WORLD, dp=WORLD, ep=WORLD, num_experts=ctx.wl.num_experts)
         apply_expert_parallel(moe, dims, ctx.rank, comm=ctx.comm, chunks=chunks)
         if payload is not None:
             moe.dispatcher = PipelinedDispatcher(moe.dispatcher.slot_of_expert_E, ctx.comm, chunks, payload)
-
-        def step() -> dict[str, float]:
-            moe.zero_grad(set_to_none=True)
-            ctx.x_BSD.grad = None
-            barrier()
-            ctx.comm.log.clear()
-            t0 = time.perf_counter()
-            y_BSD, routing = moe(ctx.x_BSD)
-            torch.autograd.backward([y_BSD, routing.aux_loss], [ctx.g_BSD, torch.ones_like(routing.aux_loss)])
-            return step_metrics(time.perf_counter() - t0, ctx.comm.log)
-
-        def forward() -> torch.Tensor:
-            with torch.no_grad():
-                return moe(ctx.x_BSD)[0]
-
-        return step, forward
+        return _moe_steps(moe, ctx)
 
     return make
+
+
+def no_exchange_variant(ctx: Context):
+    """An EP=2 rank's expert work without the exchange: a one-device MoE of E/2 experts (a rank's
+    share), the same top-k, on this rank's tokens. It computes as many routed rows, through the
+    same permute / expert GEMMs / combine, as an EP=2 rank does for both ranks' tokens (the router
+    is E/2 wide instead of E: <= 1% of the FLOPs). Its step is the floor of the EP variants."""
+    torch.manual_seed(0)
+    moe = build_moe(replace(ctx.wl, num_experts=ctx.wl.num_experts // WORLD), "auto")
+    return _moe_steps(moe, ctx)[0], None
 
 
 def dense_variant(ctx: Context):
@@ -177,6 +193,7 @@ def overlap_variants(chunks: list[int], bf16_chunks: list[int]) -> dict[str, Fac
     variants: dict[str, Factory] = {"a2a": epmoe_variant(None)}
     variants |= {f"pipe-{c}": epmoe_variant(c) for c in chunks}
     variants |= {f"pipe-{c}-bf16": epmoe_variant(c, torch.bfloat16) for c in bf16_chunks}
+    variants["no-exchange"] = no_exchange_variant
     variants["dense"] = dense_variant
     return variants
 
@@ -337,7 +354,7 @@ def overlap_rows(link: str, wl_name: str, rows: dict[str, dict]) -> list[list[st
         hidden = 1 - r["exposed"] / r["exchange"] if r["exchange"] > 0 else float("nan")
         ratio = [f"{paired_ratio(base, r):.2f}x" if base else "-" for base in (a2a, pipe1)]
         out.append([link, wl_name, name, f"{r['step']:.0f}", f"{r['exchange']:.0f}", f"{r['exposed']:.0f}",
-                    f"{r['compute']:.0f}", f"{100 * hidden:.0f}%" if name != "dense" else "-",
+                    f"{r['compute']:.0f}", f"{100 * hidden:.0f}%" if r["exchange"] > 0 else "-",
                     f"{r['mb_sent']:.0f}", *ratio, f"{paired_ratio(r, dense):.2f}" if dense else "-"])  # fmt: skip
     return out
 

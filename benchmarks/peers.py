@@ -16,6 +16,8 @@ k=2, expert hidden 1024; fine: E=64, k=8, expert hidden 256):
   k=8 (fine) takes DeepSpeed's general `topkgating`. ep_size=2: `deepspeed.init_distributed
   (dist_backend="gloo")` on the already initialised process group, then
   `MoE.set_deepspeed_parallelism()` builds its expert-parallel groups (deepspeed.utils.groups).
+- `epmoe no-exchange` (2 ranks): an EP=2 rank's expert work with no exchange (overlap.py's
+  `no_exchange_variant`): the floor of the EP rows, what EP would cost if the exchange were free;
 - `dense`: the FLOP-equivalent floor, `epmoe.model.experts.MLP` (SwiGLU) with hidden = k x expert
   hidden; at 2 ranks it runs in both processes at once (the same core contention, no exchange).
 
@@ -56,6 +58,7 @@ from overlap import (
     forward_args,
     launch_ranks,
     markdown_table,
+    no_exchange_variant,
     paired_ratio,
     rank_entry,
     rank_parser,
@@ -117,6 +120,7 @@ def peer_variants(chunks: int) -> dict[str, Factory]:
     return {
         f"epmoe pipe-{chunks}": epmoe_variant(chunks),
         f"epmoe pipe-{chunks}-bf16": epmoe_variant(chunks, torch.bfloat16),
+        "epmoe no-exchange": no_exchange_variant,
         "deepspeed": deepspeed_variant,
         "dense": dense_variant,
     }
@@ -193,7 +197,7 @@ def main() -> None:
             r = s["rows"]
             rows += two_rank_rows(wl_name, r)
             for name in r:
-                if name.startswith("epmoe"):
+                if name.startswith("epmoe pipe"):
                     vs_ds, vs_dense = paired_ratio(r["deepspeed"], r[name]), paired_ratio(r[name], r["dense"])
                     verdicts.append(
                         f"2 ranks/{wl_name}/{name}: {vs_ds:.2f}x vs deepspeed (target >= {GOAL_VS_DEEPSPEED:.2f}x: "
