@@ -29,8 +29,8 @@ test: install  ## the test suite (CPU, a few minutes)
 
 bench: install  ## benchmarks: layer vs dense floor; EP=2 overlap on loopback and a shaped 1 Gbit/s link; vs DeepSpeed-MoE
 	$(PY) benchmarks/layer.py --steps 3 --warmup 1 $(ARGS)
-	$(PY) benchmarks/overlap.py --link all --steps 2 --warmup 1 --bf16-chunks 4
-	$(PY) benchmarks/peers.py --steps 2 --warmup 1
+	$(PY) benchmarks/overlap.py --link all --steps 3 --warmup 1 --bf16-chunks 4
+	$(PY) benchmarks/peers.py --steps 5 --warmup 1
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check epmoe comm launch tests benchmarks
