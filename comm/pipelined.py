@@ -17,9 +17,10 @@ same permute / unpermute around the experts. Only the order of the work changes:
 The rows bound for a peer rank are cut into C contiguous pieces (`split_counts`); chunk c holds
 piece c of every peer's rows. Where those are one contiguous run of x_ND (always at EP=2: one
 peer), the chunk is sent as a view and its returns are received straight into y_ND; received
-rows are regrouped by local expert only where they come from several peers: no copies otherwise. Backward is one autograd.Function running the same pipeline on the
-gradients: chunk i+1's output gradients travel while chunk i's expert graph is differentiated,
-and chunk i's input gradients travel back while chunk i+1's is.
+rows are regrouped by local expert only where they come from several peers: no copies otherwise.
+Backward is one autograd.Function running the same pipeline on the gradients: chunk i+1's output
+gradients travel while chunk i's expert graph is differentiated, and chunk i's input gradients
+travel back while chunk i+1's is.
 
 payload_dtype (e.g. bf16): exchanged rows (inputs, outputs and both gradients) are cast to it
 just for the wire and back to the compute dtype on arrival; this rank's own rows are never cast.

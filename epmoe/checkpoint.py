@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from epmoe.train import checkpoint
-from epmoe.train.checkpoint import CheckpointError
+from epmoe.train import checkpoint, checkpoint_files
+from epmoe.train.checkpoint_files import CheckpointError
 
 EXIT_BAD_CHECKPOINT, EXIT_USAGE = 1, 2
 
 
 def summary(ckpt: Path) -> str:
     """A human-readable account of the manifest and the files' sizes."""
-    m = checkpoint.read_manifest(ckpt)
+    m = checkpoint_files.read_manifest(ckpt)
     model = m["config"]["model"]
     lines = [
         f"checkpoint {ckpt}",
@@ -50,14 +50,14 @@ def summary(ckpt: Path) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    print(summary(checkpoint.latest(args.path)))
+    print(summary(checkpoint_files.latest(args.path)))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    ckpt = checkpoint.latest(args.path)
+    ckpt = checkpoint_files.latest(args.path)
     try:
-        manifest = checkpoint.verify(ckpt)
+        manifest = checkpoint_files.verify(ckpt)
     except CheckpointError as e:
         print(f"bad: {e}", file=sys.stderr)
         return EXIT_BAD_CHECKPOINT
@@ -67,7 +67,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _consolidate(args: argparse.Namespace) -> int:
-    ckpt = checkpoint.latest(args.path)
+    ckpt = checkpoint_files.latest(args.path)
     try:
         state = checkpoint.consolidate(ckpt)
     except CheckpointError as e:

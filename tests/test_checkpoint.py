@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 
 from epmoe.launch.commands import free_port
 from epmoe.model.transformer import Transformer
-from epmoe.train import checkpoint
-from epmoe.train.checkpoint import CheckpointError, CheckpointWarning
+from epmoe.train import checkpoint, checkpoint_files
+from epmoe.train.checkpoint_files import CheckpointError, CheckpointWarning
 from epmoe.train.cli import load_config
 from epmoe.train.loop import train
 
@@ -97,7 +97,7 @@ def test_resume_at_another_ep_continues_the_uninterrupted_losses(
     world: int, batch: int, ep2_run: tuple[Path, dict], corpus: Path, tmp_path: Path
 ) -> None:
     ref_dir, ref = ep2_run
-    ckpt = checkpoint.checkpoint_dir(ref_dir) / "step_00000010"
+    ckpt = checkpoint_files.checkpoint_dir(ref_dir) / "step_00000010"
     overrides = [*_base(corpus), f"parallel.ep={world}", f"train.batch_size={batch}", f"train.resume={ckpt}"]
     if world > 1:
         overrides += REPLACE
@@ -116,28 +116,28 @@ def test_resume_at_another_ep_continues_the_uninterrupted_losses(
 
 def test_truncated_latest_checkpoint_is_skipped_with_a_warning(ep2_run: tuple[Path, dict], tmp_path: Path) -> None:
     run = tmp_path / "run"
-    shutil.copytree(checkpoint.checkpoint_dir(ep2_run[0]), checkpoint.checkpoint_dir(run))
-    bad = checkpoint.checkpoint_dir(run) / "step_00000020" / "experts_rank1.pt"
+    shutil.copytree(checkpoint_files.checkpoint_dir(ep2_run[0]), checkpoint_files.checkpoint_dir(run))
+    bad = checkpoint_files.checkpoint_dir(run) / "step_00000020" / "experts_rank1.pt"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # a crash mid-file
     with pytest.warns(CheckpointWarning, match=r"skipping checkpoint .*step_00000020: .*experts_rank1.pt is trunc"):
-        assert checkpoint.resolve(run).name == "step_00000010"
+        assert checkpoint_files.resolve(run).name == "step_00000010"
     with pytest.raises(CheckpointError, match="experts_rank1.pt is truncated"):  # named explicitly: no fallback
-        checkpoint.resolve(bad.parent)
+        checkpoint_files.resolve(bad.parent)
     proc = _cli("verify", str(run))
     assert proc.returncode == 1 and "experts_rank1.pt is truncated" in proc.stderr
 
 
 def test_checkpoint_with_a_pickled_object_is_refused(ep2_run: tuple[Path, dict], corpus: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoints" / "step_00000010"
-    shutil.copytree(checkpoint.checkpoint_dir(ep2_run[0]) / "step_00000010", ckpt)
-    common = checkpoint.load_file(ckpt / checkpoint.COMMON)
+    shutil.copytree(checkpoint_files.checkpoint_dir(ep2_run[0]) / "step_00000010", ckpt)
+    common = checkpoint_files.load_file(ckpt / checkpoint_files.COMMON)
     common["rng"] = {"torch": Path("/etc/passwd")}  # not a tensor, a container or a number
-    torch.save(common, ckpt / checkpoint.COMMON)
-    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())  # checksums that match: it verifies
-    manifest["files"][checkpoint.COMMON] = {"sha256": checkpoint._sha256(ckpt / checkpoint.COMMON),
-                                            "bytes": (ckpt / checkpoint.COMMON).stat().st_size}  # fmt: skip
-    (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
-    checkpoint.verify(ckpt)
+    torch.save(common, ckpt / checkpoint_files.COMMON)
+    manifest = json.loads((ckpt / checkpoint_files.MANIFEST).read_text())  # checksums that match: it verifies
+    manifest["files"][checkpoint_files.COMMON] = {"sha256": checkpoint_files.sha256(ckpt / checkpoint_files.COMMON),
+                                            "bytes": (ckpt / checkpoint_files.COMMON).stat().st_size}  # fmt: skip
+    (ckpt / checkpoint_files.MANIFEST).write_text(json.dumps(manifest))
+    checkpoint_files.verify(ckpt)
     cfg = load_config([*_base(corpus), "train.batch_size=4", f"train.resume={tmp_path}"])
     with pytest.raises(CheckpointError, match=r"cannot load checkpoint file .*common.pt: .*[Ww]eights only"):
         train(cfg, tmp_path / "run")
@@ -146,7 +146,7 @@ def test_checkpoint_with_a_pickled_object_is_refused(ep2_run: tuple[Path, dict],
 def test_keep_checkpoints_prunes_only_after_a_newer_one_is_complete(corpus: Path, tmp_path: Path) -> None:
     cfg = load_config([*_base(corpus), "train.steps=7", "train.checkpoint_every=2", "train.keep_checkpoints=2"])
     result = train(cfg, tmp_path / "run")
-    folder = checkpoint.checkpoint_dir(tmp_path / "run")
+    folder = checkpoint_files.checkpoint_dir(tmp_path / "run")
     assert sorted(p.name for p in folder.iterdir()) == ["step_00000006", "step_00000007"]  # 7: the final save
     assert result.checkpoint == folder / "step_00000007"
     with pytest.raises(Exception, match="keep_checkpoints"):
@@ -159,7 +159,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_inspect_verify_consolidate(ep2_run: tuple[Path, dict], corpus: Path, tmp_path: Path) -> None:
-    ckpt = checkpoint.checkpoint_dir(ep2_run[0]) / "step_00000010"
+    ckpt = checkpoint_files.checkpoint_dir(ep2_run[0]) / "step_00000010"
     proc = _cli("inspect", str(ckpt))
     assert proc.returncode == 0, proc.stderr
     assert "step 10" in proc.stdout and "world 2, ep 2" in proc.stdout and "experts_rank1.pt" in proc.stdout
@@ -174,7 +174,8 @@ def test_cli_inspect_verify_consolidate(ep2_run: tuple[Path, dict], corpus: Path
     cfg = load_config([*_base(corpus), "train.batch_size=4", "train.checkpoint_every=10", "train.eval_every=0"])
     train(cfg, tmp_path / "single")  # the same LR schedule (20 steps) as the EP=2 run
     single = Transformer(cfg.model, cfg.router)
-    single.load_state_dict(checkpoint.consolidate(checkpoint.checkpoint_dir(tmp_path / "single") / "step_00000010"))
+    single_ckpt = checkpoint_files.checkpoint_dir(tmp_path / "single") / "step_00000010"
+    single.load_state_dict(checkpoint.consolidate(single_ckpt))
     exported = Transformer(cfg.model, cfg.router)
     exported.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     x_BS = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
@@ -187,6 +188,6 @@ def test_ctrl_c_on_one_rank_saves_on_all_ranks_after_the_same_step(corpus: Path,
     overrides = [*_base(corpus), "parallel.ep=2", "train.batch_size=2"]
     records = _spawn(2, overrides, tmp_path / "run", sigint_step=3)  # rank 1 gets Ctrl-C during step 4
     assert records == [{"interrupted": True}] * 2
-    ckpt = checkpoint.latest(tmp_path / "run")
+    ckpt = checkpoint_files.latest(tmp_path / "run")
     assert ckpt.name == "step_00000004"
-    assert checkpoint.verify(ckpt)["step"] == 4
+    assert checkpoint_files.verify(ckpt)["step"] == 4

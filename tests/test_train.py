@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from epmoe.model.transformer import Transformer
-from epmoe.train import checkpoint
-from epmoe.train.checkpoint import CheckpointError
+from epmoe.train import checkpoint_files
+from epmoe.train.checkpoint_files import CheckpointError
 from epmoe.train.cli import load_config
 from epmoe.train.data import load_splits, sample_batch
 from epmoe.train.engine import NativeEngine, lr_factor
@@ -68,8 +68,8 @@ def test_multirun_sweep_runs_each_job_in_its_own_dir(tmp_path: Path) -> None:
 
 def test_resume_continues_with_the_same_losses(tmp_path: Path, text_corpus: Path) -> None:
     full = train(_tiny(text_corpus, "train.steps=8", "train.checkpoint_every=4"), tmp_path / "full")
-    mid = checkpoint.checkpoint_dir(tmp_path / "full") / "step_00000004"
-    assert (mid / checkpoint.MANIFEST).is_file()
+    mid = checkpoint_files.checkpoint_dir(tmp_path / "full") / "step_00000004"
+    assert (mid / checkpoint_files.MANIFEST).is_file()
     resumed = train(_tiny(text_corpus, "train.steps=8", f"train.resume={mid}"), tmp_path / "resumed")
     assert len(resumed.losses) == 4
     for a, b in zip(full.losses[4:], resumed.losses):
@@ -79,26 +79,26 @@ def test_resume_continues_with_the_same_losses(tmp_path: Path, text_corpus: Path
 
 def test_resume_from_run_dir_picks_the_newest_checkpoint(tmp_path: Path, text_corpus: Path) -> None:
     train(_tiny(text_corpus, "train.steps=6", "train.checkpoint_every=2"), tmp_path / "run")
-    assert checkpoint.latest(tmp_path / "run").name == "step_00000006"
-    assert not list(checkpoint.checkpoint_dir(tmp_path / "run").glob("*.tmp"))
-    assert checkpoint.resolve(tmp_path / "run").name == "step_00000006"  # its checksums verify
+    assert checkpoint_files.latest(tmp_path / "run").name == "step_00000006"
+    assert not list(checkpoint_files.checkpoint_dir(tmp_path / "run").glob("*.tmp"))
+    assert checkpoint_files.resolve(tmp_path / "run").name == "step_00000006"  # its checksums verify
 
 
 def test_checkpoint_file_with_a_pickled_object_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "common.pt"
     torch.save({"model": {}, "payload": Path("/etc/passwd")}, bad)
     with pytest.raises(CheckpointError, match="cannot load checkpoint file .*common.pt"):
-        checkpoint.load_file(bad)
+        checkpoint_files.load_file(bad)
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path, text_corpus: Path) -> None:
     result = train(_tiny(text_corpus, "train.steps=2", "train.eval_every=0", "train.sample_bytes=0"), tmp_path / "run")
-    common = result.checkpoint / checkpoint.COMMON
+    common = result.checkpoint / checkpoint_files.COMMON
     common.write_bytes(common.read_bytes()[: common.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="common.pt is truncated or altered"):
-        checkpoint.resolve(result.checkpoint)
+        checkpoint_files.resolve(result.checkpoint)
     with pytest.raises(CheckpointError, match="cannot load checkpoint file"):
-        checkpoint.load_file(common)
+        checkpoint_files.load_file(common)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min() -> None:
@@ -159,8 +159,8 @@ def test_interrupt_saves_the_last_completed_step(tmp_path: Path, text_corpus: Pa
     monkeypatch.setattr(loop, "train_step", interrupted_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train(_tiny(text_corpus, "train.steps=8"), tmp_path / "run")
-    assert checkpoint.latest(tmp_path / "run").name == "step_00000003"
-    assert checkpoint.verify(checkpoint.latest(tmp_path / "run"))["step"] == 3
+    assert checkpoint_files.latest(tmp_path / "run").name == "step_00000003"
+    assert checkpoint_files.verify(checkpoint_files.latest(tmp_path / "run"))["step"] == 3
 
 
 def test_routing_trace_holds_the_choices_the_load_metric_counted(tmp_path: Path, text_corpus: Path) -> None:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from epmoe.comm.parallel_dims import ParallelConfigError
 from epmoe.comm.process import PeerLostError, end_process, peer_failures_as_errors
 from epmoe.config import ConfigError, register_configs
-from epmoe.train.checkpoint import CheckpointError
+from epmoe.train.checkpoint_files import CheckpointError
 from epmoe.train.cli import CONFIG_NAME, load_config, to_config
 from epmoe.train.data import DataError
 from epmoe.train.loop import TrainingAborted, train

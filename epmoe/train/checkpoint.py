@@ -15,6 +15,8 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_<N>/` (N zero-padded to 8 
 Experts are keyed by global id, never by rank, so a checkpoint saved at one (world, ep,
 placement) loads at any other: each rank reads the rows of the experts its placement gives it
 from whichever file the saved placement names. Every file loads with `weights_only=True`.
+The files themselves (names, fsynced writes, checksums, finding, verifying and pruning
+checkpoints) are checkpoint_files.py.
 
 A save (a collective: every rank calls it at the same step):
 1. rank 0 creates `step_<N>.tmp/`; barrier;
@@ -26,16 +28,13 @@ A save (a collective: every rank calls it at the same step):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -47,27 +46,21 @@ from epmoe.model.moe import MoE
 from epmoe.parallel.expert_parallel import EXPERT_WEIGHTS, install_dispatcher
 from epmoe.placement.placement import Placement, RoutingStats
 from epmoe.placement.slot_map import SlotMap
-
-FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
-COMMON = "common.pt"
-_STEP_DIR = re.compile(r"step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found, verified or read; the message names the file."""
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (it failed verification) in favour of an older complete one."""
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def expert_file(ep_rank: int) -> str:
-    return f"experts_rank{ep_rank}.pt"
+from epmoe.train.checkpoint_files import (
+    COMMON,
+    FORMAT_VERSION,
+    MANIFEST,
+    CheckpointError,
+    CheckpointWarning,
+    checkpoint_dir,
+    expert_file,
+    fsync_dir,
+    load_file,
+    prune,
+    read_manifest,
+    verify,
+    write_file,
+)
 
 
 def moe_modules(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -97,31 +90,6 @@ def _barrier() -> None:
 
 
 # -- writing ---------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write(path: Path, obj: Any) -> tuple[str, int]:
-    """torch.save `obj` to `path` and fsync it; returns (sha256 hex, bytes) of what is on disk."""
-    with path.open("wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return _sha256(path), path.stat().st_size
 
 
 def _expert_state(model: nn.Module, optimizer: torch.optim.Optimizer, placement: Placement, ep_rank: int) -> dict:
@@ -216,11 +184,11 @@ def save(
     # one row per EP rank: 32 sha256 bytes, then the size; the all-reduce gathers them on every rank
     digests_R33 = torch.zeros(ep, 33, dtype=torch.int64)
     if rank < ep and placement is not None:  # expert-DP replica 0 (rank = dp_index * ep + ep_index)
-        sha, size = _write(tmp / expert_file(rank), _expert_state(model, optimizer, placement, rank))
+        sha, size = write_file(tmp / expert_file(rank), _expert_state(model, optimizer, placement, rank))
         digests_R33[rank, :32] = torch.tensor(list(bytes.fromhex(sha)))
         digests_R33[rank, 32] = size
     if main:
-        common = _write(tmp / COMMON, _common_state(model, optimizer, scheduler, routing_window))
+        common = write_file(tmp / COMMON, _common_state(model, optimizer, scheduler, routing_window))
     all_reduce_sum_(digests_R33)  # NOTE: also the barrier: every shard is on disk after it
 
     if main:
@@ -262,131 +230,17 @@ def save(
             json.dump(manifest, f, indent=1, default=str)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a rerun reaching the same step: the new one wins
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(folder)  # make the rename itself durable
+        fsync_dir(folder)  # make the rename itself durable
         prune(folder, keep)
     _barrier()  # every rank returns once the checkpoint is complete
     return final
 
 
-def prune(folder: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints in `folder` (0 = keep all)."""
-    old = complete_checkpoints(folder)[:-keep] if keep > 0 else []
-    for path in old:
-        shutil.rmtree(path)
-    return old
-
-
-# -- finding and verifying -------------------------------------------------------------------------
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """The complete checkpoint directories (those with a manifest) in `folder`, oldest first."""
-    found = [(int(m.group(1)), p) for p in Path(folder).glob("step_*") if (m := _STEP_DIR.search(p.name))]
-    return [p for _, p in sorted(found) if (p / MANIFEST).is_file()]
-
-
-def latest(path: Path) -> Path:
-    """The checkpoint `path` names: itself if a checkpoint directory, else the newest complete
-    one under a run or checkpoints directory (not verified; see `resolve`)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist; pass a checkpoint directory (checkpoints/step_<N>) or a run dir")
-    if _STEP_DIR.search(path.name):
-        if not (path / MANIFEST).is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST})")
-        return path
-    found = complete_checkpoints(path if path.name == "checkpoints" else checkpoint_dir(path))
-    if not found:
-        raise CheckpointError(f"no complete checkpoint (checkpoints/step_<N>/{MANIFEST}) under {path}")
-    return found[-1]
-
-
-def read_manifest(ckpt: Path) -> dict:
-    path = Path(ckpt) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not an epmoe checkpoint manifest of format version {FORMAT_VERSION}")
-    return manifest
-
-
-def verify(ckpt: Path) -> dict:
-    """Check every file against the manifest's size and sha256; returns the manifest.
-    Raises CheckpointError naming the first bad file."""
-    manifest = read_manifest(ckpt)
-    for name, meta in manifest["files"].items():
-        file = Path(ckpt) / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        if (size := file.stat().st_size) != meta["bytes"]:
-            raise CheckpointError(f"{file} is truncated or altered: {size} bytes, the manifest says {meta['bytes']}")
-        if _sha256(file) != meta["sha256"]:
-            raise CheckpointError(f"{file} fails its sha256 checksum")
-    return manifest
-
-
-def resolve(path: Path) -> Path:
-    """The checkpoint to resume from, verified. A checkpoint directory must verify; under a run
-    (or checkpoints) directory the newest one that verifies wins, and every newer one skipped
-    warns (CheckpointWarning) with its name and what is wrong."""
-    path = Path(path)
-    newest = latest(path)
-    if newest == path:
-        verify(path)
-        return path
-    candidates = complete_checkpoints(newest.parent)
-    for ckpt in reversed(candidates):
-        try:
-            verify(ckpt)
-            return ckpt
-        except CheckpointError as e:
-            warnings.warn(
-                f"skipping checkpoint {ckpt}: {e}; trying the previous complete one", CheckpointWarning, stacklevel=2
-            )
-    raise CheckpointError(f"no checkpoint under {path} passes verification ({len(candidates)} tried)")
-
-
-def agree(path: Path, is_main: bool) -> Path:
-    """`resolve` on rank 0 (which reads every file's checksum); the other ranks take its choice
-    (a collective: every rank calls it). Raises CheckpointError on every rank if none is usable."""
-    path, chosen, error = Path(path), None, None
-    if is_main:
-        try:
-            chosen = resolve(path)
-        except CheckpointError as e:
-            error = e
-    step_1 = torch.tensor([int(_STEP_DIR.search(chosen.name).group(1)) + 1 if chosen else 0])  # 0: none
-    all_reduce_sum_(step_1)
-    if error is not None:
-        raise error
-    if int(step_1) == 0:
-        raise CheckpointError(f"rank 0 found no usable checkpoint under {path}")
-    if chosen is None:
-        folder = path.parent if _STEP_DIR.search(path.name) else latest(path).parent
-        chosen = folder / f"step_{int(step_1) - 1:08d}"
-    return chosen
-
-
 # -- reading ---------------------------------------------------------------------------------------
-
-
-def load_file(file: Path, mmap: bool = False) -> dict:
-    """torch.load with weights_only=True; anything else (pickled objects, a truncated file) is a
-    CheckpointError naming the file."""
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # torch raises several types for truncated / foreign / unsafe files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint file {file}: {first_line}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a dict of tensors")
-    return state
 
 
 class _ExpertRows:

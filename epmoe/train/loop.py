@@ -42,7 +42,7 @@ from epmoe.parallel.expert_parallel import apply_expert_parallel
 from epmoe.parallel.timing import LayerTimer, attach_timers, run_summary, step_timing
 from epmoe.placement.migration import Rebalancer
 from epmoe.placement.placement import Placement
-from epmoe.train import checkpoint
+from epmoe.train import checkpoint, checkpoint_files
 from epmoe.train.data import TokenSplits, load_splits, sample_batch
 from epmoe.train.engine import Engine, NativeEngine, autocast
 from epmoe.train.loggers import Loggers
@@ -189,13 +189,13 @@ def train(cfg: Config, run_dir: Path) -> TrainResult:
     start_step = 0
     resume = t_cfg.resume
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun: restarts of this job so far
-    if attempt > 0 and checkpoint.complete_checkpoints(checkpoint.checkpoint_dir(run_dir)):
+    if attempt > 0 and checkpoint_files.complete_checkpoints(checkpoint_files.checkpoint_dir(run_dir)):
         resume = str(run_dir)  # a restarted job continues from its own newest checkpoint, not train.resume's
         if par.info.is_main:
             print(f"restart {attempt}: resuming from the newest complete checkpoint in {run_dir}", file=sys.stderr)
     if resume:  # rank 0 verifies the checksums and picks the checkpoint; every rank reads its experts
         optimizer, scheduler = engine.portable()
-        resumed = checkpoint.restore(checkpoint.agree(Path(resume), par.info.is_main), model, optimizer,
+        resumed = checkpoint.restore(checkpoint_files.agree(Path(resume), par.info.is_main), model, optimizer,
                                      scheduler, cfg, par.info.rank, par.dims, par.expert_placement,
                                      keep_saved_placement=par.rebalancer is not None)  # fmt: skip
         engine.load_portable(optimizer, scheduler)
