@@ -65,12 +65,13 @@ def veth_nodes(label: str, tbf: dict[str, str] | None = None) -> Iterator[list[N
             proc = _ip(*step)
             if proc.returncode != 0:
                 raise SkipLink(f"cannot set up the veth link (ip {' '.join(step)}): {proc.stderr.strip()}")
-        options = [word for key, value in (tbf or {}).items() for word in (key, value)]
-        for name, iface in zip(names, ifaces) if tbf is not None else []:
-            cmd = ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", iface, "root", "tbf", *options]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-            if proc.returncode != 0:
-                raise SkipLink(f"cannot shape the link ({' '.join(cmd)}): {proc.stderr.strip()}")
+        if tbf is not None:
+            options = [word for key, value in tbf.items() for word in (key, value)]
+            for name, iface in zip(names, ifaces):
+                step = ("netns", "exec", name, "tc", "qdisc", "add", "dev", iface, "root", "tbf", *options)
+                proc = _ip(*step)
+                if proc.returncode != 0:
+                    raise SkipLink(f"cannot shape the link (ip {' '.join(step)}): {proc.stderr.strip()}")
         yield [Node(["ip", "netns", "exec", name], addr, iface) for name, addr, iface in zip(names, addrs, ifaces)]
     finally:
         for name in made:  # deleting a namespace deletes its end of the veth pair, and so the pair

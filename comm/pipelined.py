@@ -188,7 +188,7 @@ class _Pipeline:
         """Chunk c's rows of rows_ND travel to their experts; the handle gives the arrived rows."""
         runs = self.plan.send_runs(c)
         # NOTE: a single run is sent as a view of rows_ND: nothing may write rows_ND meanwhile
-        rows = rows_ND[runs[0]] if len(runs) == 1 else torch.cat([rows_ND[run] for run in runs] or [rows_ND[:0]])
+        rows = rows_ND[runs[0]] if len(runs) == 1 else torch.cat([rows_ND[:0], *(rows_ND[run] for run in runs)])
         handle = self.comm.all_to_all_v(self._wire(rows), self.plan.recv_splits(c), self.plan.send_splits(c))
         return handle if self.payload_dtype is None else _Arrival(handle, self.x_dtype)
 
