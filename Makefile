@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 # Pinned: a CPU wheel of exactly this version is on the build machines; any other version
 # or range pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
+# What ruff checks; `make test` runs `ruff check` on it first, so a lint error cannot land.
+LINTED := epmoe comm launch tests benchmarks
 
 .PHONY: help install train test bench lint clean
 
@@ -24,17 +26,18 @@ $(STAMP): setup.py
 train: install  ## the main job: 2-rank expert-parallel training on the built-in corpus (ARGS=overrides)
 	$(PY) -m epmoe.launch experiment=ep2_cpu $(ARGS)
 
-test: install  ## the test suite (CPU, a few minutes)
+test: install  ## ruff check, then the test suite (CPU, a few minutes)
+	$(VENV)/bin/ruff check $(LINTED)
 	$(PY) -m pytest -q tests $(ARGS)
 
 bench: install  ## benchmarks: layer vs dense floor; EP=2 overlap on loopback and a shaped 1 Gbit/s link; vs DeepSpeed-MoE
-	$(PY) benchmarks/layer.py --steps 3 --warmup 1 $(ARGS)
-	$(PY) benchmarks/overlap.py --link all --steps 3 --warmup 1 --bf16-chunks 4
-	$(PY) benchmarks/peers.py --steps 5 --warmup 1
+	$(PY) -m benchmarks.layer --steps 3 --warmup 1 $(ARGS)
+	$(PY) -m benchmarks.overlap --link all --steps 3 --warmup 1 --bf16-chunks 4
+	$(PY) -m benchmarks.peers --steps 5 --warmup 1
 
-lint: install  ## ruff
-	$(VENV)/bin/ruff check epmoe comm launch tests benchmarks
-	$(VENV)/bin/ruff format --check epmoe comm launch tests benchmarks
+lint: install  ## ruff check and ruff format --check
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) outputs multirun

@@ -33,109 +33,35 @@ page-faulted in on every step, so on CPU much of their overhead is allocation, n
 reason for the fused path. Measured as it is, with the default allocator. On a shared VM, rows can
 swing by 10% or more between runs.
 
-    .venv/bin/python benchmarks/layer.py [--steps 5] [--warmup 2] [--workload all] [--dtype all]
+    .venv/bin/python -m benchmarks.layer [--steps 5] [--warmup 2] [--workload all] [--dtype all]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from epmoe.config import ModelConfig, RouterConfig
-from epmoe.host_memory import retain_freed_host_memory
+from benchmarks.workloads import (
+    WORKLOADS,
+    B,
+    D,
+    S,
+    Workload,
+    add_host_memory_option,
+    apply_host_memory_option,
+    autocast,
+    build_moe,
+    dense_step,
+    max_rel_diff,
+    median_ms,
+    moe_step,
+)
 from epmoe.model.experts import MLP, auto_impl
-from epmoe.model.moe import MoE
 
 GOAL, LIMIT = 1.10, 1.25
-B, S, D = 8, 1024, 512
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    num_experts: int
-    top_k: int
-    expert_hidden: int
-
-
-WORKLOADS = {
-    "coarse": Workload("coarse", num_experts=8, top_k=2, expert_hidden=1024),
-    "fine": Workload("fine", num_experts=64, top_k=8, expert_hidden=256),
-}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: no autocast
 PATHS = ("fused", "grouped", "loop")
-
-Step = Callable[[], float]
-
-
-def autocast(dtype: torch.dtype | None) -> torch.autocast:
-    """CPU autocast to `dtype`, or a disabled one for None (plain fp32)."""
-    return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def build_moe(wl: Workload, impl: str) -> MoE:
-    model_cfg = ModelConfig(
-        d_model=D,
-        num_experts=wl.num_experts,
-        expert_hidden=wl.expert_hidden,
-        activation="swiglu",
-        n_shared_experts=0,
-        expert_impl=impl,
-    )
-    router_cfg = RouterConfig(
-        top_k=wl.top_k, score_func="softmax", aux_loss="batch", aux_loss_coef=0.01, capacity_factor=None
-    )
-    return MoE(model_cfg, router_cfg).train()
-
-
-def moe_step(moe: MoE, x_BSD: torch.Tensor, g_BSD: torch.Tensor, autocast_dtype: torch.dtype | None) -> Step:
-    """One timed fwd+bwd of the MoE layer: output with grad g_BSD, aux loss with grad 1."""
-
-    def step() -> float:
-        moe.zero_grad(set_to_none=True)
-        x_BSD.grad = None
-        t0 = time.perf_counter()
-        with autocast(autocast_dtype):
-            y_BSD, routing = moe(x_BSD)
-        torch.autograd.backward([y_BSD, routing.aux_loss], [g_BSD.to(y_BSD.dtype), torch.ones_like(routing.aux_loss)])
-        return time.perf_counter() - t0
-
-    return step
-
-
-def dense_step(mlp: MLP, x_BSD: torch.Tensor, g_BSD: torch.Tensor, autocast_dtype: torch.dtype | None) -> Step:
-    """One timed fwd+bwd of the dense floor with the same grad_output."""
-
-    def step() -> float:
-        mlp.zero_grad(set_to_none=True)
-        x_BSD.grad = None
-        t0 = time.perf_counter()
-        with autocast(autocast_dtype):
-            y_BSD = mlp(x_BSD)
-        y_BSD.backward(g_BSD.to(y_BSD.dtype))
-        return time.perf_counter() - t0
-
-    return step
-
-
-def median_ms(steps: dict[str, Step], warmup: int, timed: int) -> dict[str, float]:
-    """Median ms per step of each entry; the entries take turns every step."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(warmup + timed):
-        for name, step in steps.items():
-            dt = step()
-            if i >= warmup:
-                times[name].append(dt)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
-
-
-def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
 def bench(wl: Workload, dtype_name: str, warmup: int, timed: int) -> list[tuple[str, float, float]]:
@@ -166,17 +92,6 @@ def bench(wl: Workload, dtype_name: str, warmup: int, timed: int) -> list[tuple[
     steps["dense"] = dense_step(dense, x_BSD, g_BSD, autocast_dtype)
     ms = median_ms(steps, warmup, timed)
     return [(path, ms[path], ms["dense"]) for path in PATHS]
-
-
-def add_host_memory_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host-memory", choices=["retain", "release"], default="retain",
-                        help="retain: freed host memory stays for reuse, as in training (epmoe/host_memory.py); "
-                             "release: glibc's default (big blocks unmapped on free)")  # fmt: skip
-
-
-def apply_host_memory_option(args: argparse.Namespace) -> None:
-    if args.host_memory == "retain":
-        retain_freed_host_memory()
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """MoE vs a dense model with the same active parameters per token: same data, steps and seed.
 
-    .venv/bin/python benchmarks/moe_vs_dense.py [hydra overrides for both runs]
+    .venv/bin/python -m benchmarks.moe_vs_dense [hydra overrides for both runs]
 
 Trains `model=moe_small` (top-2 of 8 experts of hidden 256 plus one shared expert of 256)
 and `model=dense_small` (every FFN hidden 768 = 2 x 256 + 256, so the same FFN FLOPs per
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from epmoe.model.transformer import Transformer
 from epmoe.train.cli import load_config
-from epmoe.train.loop import train
+from epmoe.train.trainer import train
 
 MODELS = ("moe_small", "dense_small")
 

@@ -1,9 +1,9 @@
 """epmoe vs DeepSpeed-MoE vs the dense floor: forward + backward of one MoE layer.
 
-What is measured, on the workloads of layer.py (d=512, 8192 tokens per process; coarse: E=8,
+What is measured, on the workloads of workloads.py (d=512, 8192 tokens per process; coarse: E=8,
 k=2, expert hidden 1024; fine: E=64, k=8, expert hidden 256):
 
-- `epmoe`: `epmoe.model.moe.MoE` as built in layer.py (dropless, softmax top-k, batch aux loss).
+- `epmoe`: `epmoe.model.moe.MoE` as `build_moe` builds it (dropless, softmax top-k, batch aux loss).
   expert_impl=auto, the path training takes (see `auto_impl` in epmoe/model/experts.py). 1 process;
   2 ranks: EP=2 with the PipelinedDispatcher (`--chunks`, overlap on), and the same with a bf16
   payload.
@@ -16,13 +16,13 @@ k=2, expert hidden 1024; fine: E=64, k=8, expert hidden 256):
   k=8 (fine) takes DeepSpeed's general `topkgating`. ep_size=2: `deepspeed.init_distributed
   (dist_backend="gloo")` on the already initialised process group, then
   `MoE.set_deepspeed_parallelism()` builds its expert-parallel groups (deepspeed.utils.groups).
-- `epmoe no-exchange` (2 ranks): an EP=2 rank's expert work with no exchange (overlap.py's
+- `epmoe no-exchange` (2 ranks): an EP=2 rank's expert work with no exchange (rank_harness.py's
   `no_exchange_variant`): the floor of the EP rows, what EP would cost if the exchange were free;
 - `dense`: the FLOP-equivalent floor, `epmoe.model.experts.MLP` (SwiGLU) with hidden = k x expert
   hidden; at 2 ranks it runs in both processes at once (the same core contention, no exchange).
 
 1 process: torch's default thread count, as layer.py; 2 ranks: one gloo process per rank, one
-thread each, on loopback (the harness of overlap.py: a barrier before each step, outside the
+thread each, on loopback (rank_harness.py, as overlap.py: a barrier before each step, outside the
 timed region; step = the slower rank's time). All: time.perf_counter around fwd+bwd, backward
 through the output with a fixed random grad_output and through the aux loss with grad 1, median
 of `--steps` timed steps after `--warmup` untimed ones, the variants taking turns step by step.
@@ -35,7 +35,7 @@ Exchange columns as in overlap.py (2 ranks only).
 
 NOTE: on a shared 2-core machine rows swing by 10% or more between runs; read the ratios.
 
-    .venv/bin/python benchmarks/peers.py [--procs 1 2] [--workload coarse fine] [--steps 3] [--warmup 1]
+    .venv/bin/python -m benchmarks.peers [--procs 1 2] [--workload coarse fine] [--steps 3] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ import time
 from pathlib import Path
 
 import torch
-from layer import WORKLOADS, Workload, build_moe, dense_step, median_ms, moe_step
-from overlap import (
+
+from benchmarks.netns import Node
+from benchmarks.rank_harness import (
     RESULTS,
     Context,
     Factory,
-    Node,
     barrier,
     check_args,
     dense_variant,
@@ -64,10 +64,9 @@ from overlap import (
     rank_parser,
     step_metrics,
 )
-
+from benchmarks.workloads import WORKLOADS, B, D, S, Workload, build_moe, dense_step, median_ms, moe_step
 from epmoe.model.experts import MLP
 
-B, S, D = 8, 1024, 512
 CAPACITY, MIN_CAPACITY = 1.25, 4
 GOAL_VS_DEEPSPEED, GOAL_VS_DENSE = 1.30, 1.10
 
@@ -191,7 +190,7 @@ def main() -> None:
             rows += one_process_rows(wl_name, args.warmup, args.steps)
             print(rows[-3:], flush=True)
     if 2 in args.procs:
-        summary = launch_ranks(__file__, [Node(), Node()], forward_args(args, ["--chunks", str(args.chunks)]),
+        summary = launch_ranks(__spec__.name, [Node(), Node()], forward_args(args, ["--chunks", str(args.chunks)]),
                                args.timeout)  # fmt: skip
         for wl_name, s in summary["workloads"].items():
             r = s["rows"]
@@ -207,7 +206,7 @@ def main() -> None:
     table = markdown_table(HEADER, rows)
     print("\n" + table + "\n\n" + "\n".join(verdicts), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    command = "python benchmarks/peers.py " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.peers " + " ".join(sys.argv[1:])
     (RESULTS / "peers.md").write_text(
         f"# epmoe vs DeepSpeed-MoE vs the dense floor (one MoE layer, fwd+bwd)\n\n`{command.strip()}`; torch "
         f"{torch.__version__}; median of {args.steps} steps after {args.warmup} warm-up; times in ms. See the "

@@ -8,7 +8,12 @@ N rows this rank sends, M rows it receives.
 3. all-to-all the rows; received rows come grouped by (source rank, local expert);
 4. re-sort them by local expert, run the local experts, undo the re-sort;
 5. all-to-all the outputs back (the transposed exchange), weight and sum per token.
-Dropless: splits are variable. Dropped pairs (capacity) never leave their rank.
+Dropless: splits are variable. Dropped pairs (capacity) never leave their rank. The exchange
+blocks, so a side computation (the shared experts) runs after it; the pipelined dispatcher is the
+one that overlaps it.
+
+Both exchanging dispatchers route by `slot_map` (where each (token, choice) goes: comm/slot_map.py);
+re-placing experts re-points it (`parallel.placement_state.apply_placement`), nothing else changes.
 
 payload_dtype (e.g. bf16): rows are cast to it just for the exchanges and back to the compute
 dtype on arrival; the casts sit outside the autograd all-to-all, so gradients cross in it too.
@@ -22,11 +27,11 @@ import torch
 
 from epmoe.comm.collectives import all_to_all_v, exchange_counts
 from epmoe.comm.communicator import Communicator
-from epmoe.model.dispatch import ExpertFn
-from epmoe.model.experts import compute_dtype
+from epmoe.comm.slot_map import SlotMap
+from epmoe.model.dispatch import Side
+from epmoe.model.experts import GroupedExperts, compute_dtype
 from epmoe.model.permute import Permutation, make_permutation, permute, unpermute
 from epmoe.model.router import Routing
-from epmoe.placement.slot_map import SlotMap
 
 
 def sort_by_slot(
@@ -49,19 +54,25 @@ class AllToAllDispatcher:
         (None: the compute dtype, no cast)."""
         self.slot_map = SlotMap.of(slots, comm.size, comm.rank)
         self.ep, self.comm = comm.size, comm
-        self.local_experts = self.slot_map.slots_per_rank  # local slots (replicas included)
         self.payload_dtype = payload_dtype
+
+    @property
+    def local_experts(self) -> int:
+        """Local slots (replicas included)."""
+        return self.slot_map.slots_per_rank
+
+    @property
+    def slot_of_expert_E(self) -> torch.Tensor:
+        return self.slot_map.slot_of_expert_E
 
     def _exchange(self, rows: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
         """all_to_all_v in payload_dtype; the result (and, in backward, the gradient) in rows' dtype."""
         wire = self.payload_dtype or rows.dtype
         return all_to_all_v(rows.to(wire), output_splits, input_splits, self.comm).to(rows.dtype)
 
-    @property
-    def slot_of_expert_E(self) -> torch.Tensor:
-        return self.slot_map.slot_of_expert_E
-
-    def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
+    def __call__(
+        self, x_TD: torch.Tensor, routing: Routing, experts: GroupedExperts, side: Side | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         R, L = self.ep, self.local_experts
         perm, x_ND, send_counts_RL, recv_counts_RL = sort_by_slot(x_TD, routing, self.slot_map, self.comm)
         input_splits = send_counts_RL.sum(1).tolist()  # NOTE: host sync for the splits
@@ -72,8 +83,8 @@ class AllToAllDispatcher:
         order_M = local_of_row_M.argsort(stable=True).to(x_MD.device)
         inverse_M = torch.empty_like(order_M)
         inverse_M[order_M] = torch.arange(len(order_M), device=order_M.device)
-        y_sorted_MD = expert_fn(x_MD.index_select(0, order_M), recv_counts_RL.sum(0))
+        y_sorted_MD = experts(x_MD.index_select(0, order_M), recv_counts_RL.sum(0))
         y_MD = y_sorted_MD.index_select(0, inverse_M)
 
         y_ND = self._exchange(y_MD, input_splits, output_splits)
-        return unpermute(y_ND, perm, routing.topk_w_TK)
+        return unpermute(y_ND, perm, routing.topk_w_TK), side() if side is not None else None

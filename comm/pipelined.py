@@ -40,11 +40,12 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from epmoe.comm.communicator import Communicator, Handle
-from epmoe.comm.dispatch import sort_by_slot
-from epmoe.model.dispatch import ExpertFn
+from epmoe.comm.dispatch import AllToAllDispatcher, sort_by_slot
+from epmoe.comm.slot_map import SlotMap
+from epmoe.model.dispatch import Side
+from epmoe.model.experts import GroupedExperts
 from epmoe.model.permute import unpermute
 from epmoe.model.router import Routing
-from epmoe.placement.slot_map import SlotMap
 
 
 def split_counts(counts_L: list[int], chunks: int) -> list[list[int]]:
@@ -159,13 +160,13 @@ class _Pipeline:
         self,
         plan: _Plan,
         comm: Communicator,
-        expert_fn: ExpertFn,
+        experts: GroupedExperts,
         params: list[torch.Tensor],
         x_ND: torch.Tensor,
         payload_dtype: torch.dtype | None,
         side: nn.Module | None = None,
     ):
-        self.plan, self.comm, self.expert_fn, self.params = plan, comm, expert_fn, params
+        self.plan, self.comm, self.experts, self.params = plan, comm, experts, params
         self.payload_dtype = payload_dtype
         # a module computed while chunk 0 travels (the shared experts), with its own graph
         self.side = side
@@ -206,7 +207,7 @@ class _Pipeline:
             return x_MD.new_empty(0, x_MD.shape[1])
         with torch.set_grad_enabled(needs_grad):
             leaf_MD = x_MD.detach().requires_grad_(needs_grad)
-            y_sorted_MD = self.expert_fn(_transpose_segments(leaf_MD, recv_RL), self.counts_CL[index])
+            y_sorted_MD = self.experts(_transpose_segments(leaf_MD, recv_RL), self.counts_CL[index])
             y_MD = _transpose_segments(y_sorted_MD, _transposed(recv_RL))
         if needs_grad:
             self.graphs[index] = (leaf_MD, y_MD)
@@ -304,7 +305,9 @@ class _PipelinedExperts(torch.autograd.Function):
         return None, None, dx_ND, d_side_in, *expert_grads, *side_grads
 
 
-class PipelinedDispatcher:
+class PipelinedDispatcher(AllToAllDispatcher):
+    """The same contract and slot map as AllToAllDispatcher; the exchange runs in `chunks` pieces."""
+
     def __init__(
         self,
         slots: SlotMap | torch.Tensor,
@@ -318,38 +321,23 @@ class PipelinedDispatcher:
         payload_dtype: the rows' dtype on the wire (None: the compute dtype, no cast)."""
         if chunks < 1:
             raise ValueError(f"chunks ({chunks}) must be >= 1; chunks=1 exchanges all rows at once")
-        self.slot_map = SlotMap.of(slots, comm.size, comm.rank)
-        self.ep, self.comm, self.chunks = comm.size, comm, chunks
-        self.rank, self.payload_dtype = comm.rank, payload_dtype
-        self.local_experts = self.slot_map.slots_per_rank  # local slots (replicas included)
+        super().__init__(slots, comm, payload_dtype)
+        self.chunks = chunks
 
-    @property
-    def slot_of_expert_E(self) -> torch.Tensor:
-        return self.slot_map.slot_of_expert_E
-
-    def __call__(self, x_TD: torch.Tensor, routing: Routing, expert_fn: ExpertFn) -> torch.Tensor:
-        """x_TD: (T, D) tokens; expert_fn(x_ND, counts_L) -> y_ND computes this rank's L local
-        experts (an nn.Module's parameters get gradients); returns y_TD (T, D)."""
-        return self.dispatch_with_overlap(x_TD, routing, expert_fn)[0]
-
-    def dispatch_with_overlap(
-        self,
-        x_TD: torch.Tensor,
-        routing: Routing,
-        expert_fn: ExpertFn,
-        side: nn.Module | None = None,
-        side_in: torch.Tensor | None = None,
+    def __call__(
+        self, x_TD: torch.Tensor, routing: Routing, experts: GroupedExperts, side: Side | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As __call__, and `side(side_in)` (the shared experts) computed while the first chunk
-        is in flight, forward and backward; returns (y_TD, side's output or None)."""
+        """x_TD: (T, D) tokens; experts compute this rank's L local slots; `side` (the shared
+        experts) is computed while the first chunk is in flight, forward and backward.
+        Returns (y_TD, side's output or None)."""
         perm, x_ND, send_counts_RL, recv_counts_RL = sort_by_slot(x_TD, routing, self.slot_map, self.comm)
         # NOTE: the one host sync per call: every chunk's splits and expert counts derive from these
         send_RL, recv_RL = torch.stack((send_counts_RL, recv_counts_RL)).tolist()
-        plan = _Plan.build(send_RL, recv_RL, self.rank, self.chunks)
+        plan = _Plan.build(send_RL, recv_RL, self.comm.rank, self.chunks)
 
-        params = [p for p in expert_fn.parameters() if p.requires_grad] if isinstance(expert_fn, nn.Module) else []
-        pipe = _Pipeline(plan, self.comm, expert_fn, params, x_ND, self.payload_dtype, side)
-        side_in_TD = side_in if side is not None else x_ND.new_empty(0)
+        params = [p for p in experts.parameters() if p.requires_grad]
+        pipe = _Pipeline(plan, self.comm, experts, params, x_ND, self.payload_dtype, side and side.module)
+        side_in_TD = side.x_TD if side is not None else x_ND.new_empty(0)
         needs_grad = torch.is_grad_enabled() and (
             x_ND.requires_grad or side_in_TD.requires_grad or bool(params) or bool(pipe.side_params)
         )

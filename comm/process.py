@@ -21,8 +21,11 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class RankInfo:
+    """This process's place in the job, as the launcher put it in the environment."""
+
     rank: int
     world: int
+    restart: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT: restarts of this job so far
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +51,8 @@ def _map_mpi_env() -> None:
 def init_from_env(device: torch.device, timeout_s: float = 600.0) -> RankInfo:
     """Join the process group a launcher described in the environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT as torchrun sets them, or an MPI launcher's variables plus
-    MASTER_ADDR/MASTER_PORT); a single process needs none.
+    MASTER_ADDR/MASTER_PORT); a single process needs none. The one place that reads the
+    launcher's variables (also TORCHELASTIC_RESTART_COUNT, into RankInfo.restart).
 
     `timeout_s` (train.collective_timeout_s) bounds the rendezvous and every collective on the
     world group: with gloo a collective whose peer is gone raises after it (or at once when the
@@ -56,12 +60,13 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> RankInfo:
     """
     _map_mpi_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    restart = int(attempt or 0)
     if world == 1:
-        return RankInfo(0, 1)
+        return RankInfo(0, 1, restart)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # NOTE: torchrun's agent keeps one store for every restart of the job; process-group
             # keys (the groups' rank addresses) left by the failed attempt would send the new
@@ -72,7 +77,7 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> RankInfo:
                                     rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)  # fmt: skip
         else:
             dist.init_process_group(backend, timeout=timeout)
-    return RankInfo(dist.get_rank(), dist.get_world_size())
+    return RankInfo(dist.get_rank(), dist.get_world_size(), restart)
 
 
 def ensure_process_group() -> None:

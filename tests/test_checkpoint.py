@@ -20,14 +20,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from epmoe.launch.commands import free_port
 from epmoe.model.transformer import Transformer
-from epmoe.train import checkpoint, checkpoint_files
+from epmoe.train import checkpoint_files, checkpoint_state
 from epmoe.train.checkpoint_files import CheckpointError, CheckpointWarning
 from epmoe.train.cli import load_config
-from epmoe.train.loop import train
+from epmoe.train.trainer import train
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, free_port
 
 STEPS = ["train.steps=20", "train.eval_every=10", "train.sample_bytes=0", "logger.console=false"]
 ROUTER = ["router.aux_loss=batch", "router.aux_loss_coef=0.01", "router.bias_update_rate=0.01"]
@@ -37,21 +36,21 @@ REPLACE = ["placement=redundant", "placement.rebalance_every=4", "placement.slot
 def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str, out: str, sigint_step: int) -> None:
     """One rank of a training run; rank 1 sends itself SIGINT before step `sigint_step` (-1: never)."""
     from epmoe.comm.process import end_process
-    from epmoe.train import loop
+    from epmoe.train import trainer
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    real_step = loop.train_step
+    real_step = trainer.train_step
 
     def step_with_ctrl_c(*args, **kwargs):
         if rank == 1 and args[4] == sigint_step:  # train_step(engine, data, cfg, device, step)
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C on one rank only
         return real_step(*args, **kwargs)
 
-    loop.train_step = step_with_ctrl_c
+    trainer.train_step = step_with_ctrl_c
     try:
-        result = loop.train(load_config(overrides), Path(run_dir))
+        result = trainer.train(load_config(overrides), Path(run_dir))
         record = {"losses": result.losses, "val": result.val_loss}
     except KeyboardInterrupt:
         record = {"interrupted": True}
@@ -154,7 +153,7 @@ def test_keep_checkpoints_prunes_only_after_a_newer_one_is_complete(corpus: Path
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "epmoe.checkpoint", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "epmoe.train.checkpoint_cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
 
 
@@ -175,7 +174,7 @@ def test_cli_inspect_verify_consolidate(ep2_run: tuple[Path, dict], corpus: Path
     train(cfg, tmp_path / "single")  # the same LR schedule (20 steps) as the EP=2 run
     single = Transformer(cfg.model, cfg.router)
     single_ckpt = checkpoint_files.checkpoint_dir(tmp_path / "single") / "step_00000010"
-    single.load_state_dict(checkpoint.consolidate(single_ckpt))
+    single.load_state_dict(checkpoint_state.consolidate(single_ckpt))
     exported = Transformer(cfg.model, cfg.router)
     exported.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     x_BS = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))

@@ -13,10 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from epmoe.config import ConfigError
-from epmoe.launch.commands import free_port
 from epmoe.train.cli import load_config
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, free_port
 from .test_expert_parallel import EP_TRAIN, _train_worker
 
 RUN = [*TINY, *EP_TRAIN, "parallel.ep=2", "train.checkpoint_every=10", "logger.progress=false"]

@@ -21,12 +21,11 @@ import torch.multiprocessing as mp
 
 from epmoe.comm.parallel_dims import ParallelConfigError, ParallelDims
 from epmoe.config import ModelConfig, RouterConfig
-from epmoe.launch.commands import free_port
 from epmoe.model.moe import MoE
-from epmoe.parallel.expert_parallel import apply_expert_parallel
+from epmoe.parallel.expert_parallel import apply_expert_parallel, apply_placement
 from epmoe.placement.policies import experts_on_rank, round_robin
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 
 D = 16
 TOKENS_PER_RANK = [6, 0, 9, 3]  # uneven, and rank 1 sends nothing (with 4 ranks)
@@ -125,7 +124,7 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_di
 
     from epmoe.comm.process import end_process
     from epmoe.train.cli import load_config
-    from epmoe.train.loop import train
+    from epmoe.train.trainer import train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
@@ -147,7 +146,7 @@ def test_ep_training_matches_single_process_losses(
     import json
 
     from epmoe.train.cli import load_config
-    from epmoe.train.loop import train
+    from epmoe.train.trainer import train
 
     from .conftest import TINY
 
@@ -185,7 +184,7 @@ def test_ep_layer_with_the_mpi_communicator_under_mpiexec() -> None:
 
 def _migration_worker(rank: int, world: int, store: str) -> None:
     from epmoe.comm.communicator import TorchCommunicator
-    from epmoe.placement.migration import migrate_layer
+    from epmoe.parallel.migration import migrate_layer
     from epmoe.placement.placement import Placement
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -221,6 +220,8 @@ def _migration_worker(rank: int, world: int, store: str) -> None:
     new_slot_of_expert_E = torch.tensor([5, 0, 7, 2, 1, 6, 3, 4])  # experts cross ranks both ways
     new = Placement.from_slot_of_expert(new_slot_of_expert_E, world, 1)
     sent = migrate_layer(moe, old, new, 0, rank, comm, optimizer)
+    assert moe.dispatcher.slot_of_expert_E.tolist() == old.slot_of_expert_E(0).tolist()  # routes by old until ...
+    apply_placement(moe, new, rank)  # ... the dispatchers are pointed at the new map
     after = by_expert(new)
     assert before.keys() == after.keys() and len(before) == 6 * 8
     for key in before:
@@ -245,7 +246,7 @@ def test_training_with_replacement_matches_single_process(
     import json
 
     from epmoe.train.cli import load_config
-    from epmoe.train.loop import train
+    from epmoe.train.trainer import train
 
     from .conftest import TINY
 

@@ -23,9 +23,8 @@ import torch
 import torch.multiprocessing as mp
 
 from epmoe.comm.process import PeerLostError, all_reduce_sum_, init_from_env, peer_failures_as_errors
-from epmoe.launch.commands import free_port
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, free_port
 
 TIMEOUT_S = 3.0
 
@@ -126,7 +125,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 def test_nonfinite_skip_counts_the_step_and_keeps_the_weights_finite(tmp_path: Path, text_corpus: Path) -> None:
     from epmoe.train.cli import load_config
-    from epmoe.train.loop import train
+    from epmoe.train.trainer import train
 
     cfg = load_config([*TINY, "data=text", f"data.path={text_corpus}", "train.fault.nan_at_step=4",
                        "train.on_nonfinite=skip"])  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 
 from epmoe.model.experts import GroupedExperts
 from epmoe.train.cli import load_config
-from epmoe.train.loop import train
+from epmoe.train.trainer import train
 
 from .conftest import TINY
 

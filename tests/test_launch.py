@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from epmoe.config import LauncherConfig
-from epmoe.launch.commands import deepspeed_command, free_port, read_hostfile, sbatch_script, torchrun_command
+from epmoe.launch.commands import deepspeed_command, read_hostfile, sbatch_script, torchrun_command
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, free_port
 
 
 def _launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from epmoe.config import ModelConfig, RouterConfig
 from epmoe.model import experts
-from epmoe.model.dispatch import LocalDispatcher
+from epmoe.model.dispatch import LocalDispatcher, Side
 from epmoe.model.experts import HAS_GROUPED_MM, MLP, GroupedExperts, auto_impl
-from epmoe.model.moe import MoE
+from epmoe.model.moe import MoE, moe_layers, named_moe_layers
 from epmoe.model.permute import make_permutation, permute, unpermute
 from epmoe.model.router import Routing
 from epmoe.model.transformer import Transformer, is_moe_layer
@@ -102,11 +102,22 @@ def test_local_dispatcher_sends_each_row_to_its_expert_and_back():
     w_TK = torch.tensor([[0.5, 0.25], [1.0, 0.5], [0.25, 0.75]], dtype=torch.float64)
     routing = Routing(idx_TK, w_TK, None, torch.bincount(idx_TK.view(-1), minlength=4), 0, 0)
 
-    def expert_fn(x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        scale_N = torch.repeat_interleave(torch.arange(1, 5, dtype=x_ND.dtype), counts_E)
-        return x_ND * scale_N.unsqueeze(1)
+    class ScalingExperts(GroupedExperts):
+        def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+            scale_N = torch.repeat_interleave(torch.arange(1, 5, dtype=x_ND.dtype), counts_E)
+            return x_ND * scale_N.unsqueeze(1)
 
-    y_TD = LocalDispatcher(4)(x_TD, routing, expert_fn)
+    class Doubling(torch.nn.Module):
+        def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+            return 2 * x_TD
+
+    experts = ScalingExperts(4, 4, 2, impl="loop")  # the loop path never fuses dispatch
+    y_TD, none = LocalDispatcher(4)(x_TD, routing, experts)
+    assert none is None
+    # the side computation runs on its own input, beside the routed experts
+    y2_TD, side_TD = LocalDispatcher(4)(x_TD, routing, experts, Side(Doubling(), x_TD + 1))
+    torch.testing.assert_close(y2_TD, y_TD, atol=0, rtol=0)
+    torch.testing.assert_close(side_TD, 2 * (x_TD + 1), atol=0, rtol=0)
     # t0: 0.5 * 3 + 0.25 * 1 = 1.75; t1: 1.0 * 2 + 0.5 * 3 = 3.5; t2: 0.25 * 1 + 0.75 * 3 = 2.5
     expected = x_TD * torch.tensor([[1.75], [3.5], [2.5]], dtype=torch.float64)
     torch.testing.assert_close(y_TD, expected, atol=1e-12, rtol=0)
@@ -238,9 +249,9 @@ def test_transformer_forward_backward_with_shared_experts_dense_layers_and_moe_e
     model = Transformer(cfg, RouterConfig(top_k=2, aux_loss="batch", aux_loss_coef=0.01, z_loss_coef=1e-3))
     model.train()
     assert [isinstance(b.ffn, MoE) for b in model.blocks] == [False, True, False, True, False]
-    moe_layers = model.moe_layers()
-    assert len(moe_layers) == 2
-    for layer in moe_layers:  # 2 shared experts of hidden 8 are one MLP of hidden 16
+    layers = moe_layers(model)
+    assert [name for name, _ in named_moe_layers(model)] == ["blocks.1.ffn", "blocks.3.ffn"]
+    for layer in layers:  # 2 shared experts of hidden 8 are one MLP of hidden 16
         assert isinstance(layer.shared, MLP) and layer.shared.w_gate.weight.shape == (16, 16)
         assert layer.experts.w_gate_EDF.shape == (4, 16, 8)
 
@@ -259,7 +270,7 @@ def test_transformer_forward_backward_with_shared_experts_dense_layers_and_moe_e
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    for layer in moe_layers:
+    for layer in layers:
         assert layer.router.gate.weight.grad.abs().sum() > 0
         assert layer.shared.w_down.weight.grad.abs().sum() > 0
         used = layer.experts.w_down_EFD.grad.flatten(1).abs().sum(1) > 0
@@ -364,7 +375,7 @@ def test_fused_dispatch_matches_the_loop_reference_in_outputs_and_all_gradients(
         results.append((y, x.grad, routing))
     (y_f, dx_f, r_f), (y_l, dx_l, r_l) = results
     if capacity is not None:
-        assert r_f.dropped > 0  # capacity 0.5 must drop pairs for the test to cover drops
+        assert int(r_f.dropped()) > 0  # capacity 0.5 must drop pairs for the test to cover drops
     assert r_f.counts_E[5] == 0
     torch.testing.assert_close(y_f, y_l, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dx_f, dx_l, atol=1e-5, rtol=1e-5)

@@ -246,7 +246,7 @@ def test_affinity_greedy_takes_balanced_groups_when_following_affinity_overloads
 
 
 def test_slot_map_without_replicas_is_the_slot_of_each_expert() -> None:
-    from epmoe.placement.slot_map import SlotMap
+    from epmoe.comm.slot_map import SlotMap
 
     slots = SlotMap.from_slot_of_expert(torch.tensor([2, 0, 3, 1]), ep=2, rank=1)
     assert not slots.has_replicas and slots.slots_per_rank == 2
@@ -254,7 +254,7 @@ def test_slot_map_without_replicas_is_the_slot_of_each_expert() -> None:
 
 
 def test_slot_map_prefers_the_own_replica_then_spreads_over_the_others() -> None:
-    from epmoe.placement.slot_map import SlotMap
+    from epmoe.comm.slot_map import SlotMap
 
     # ep 3, 2 slots per rank: rank 0 holds experts 0, 1; rank 1 holds 0, 2; rank 2 holds 3, 1
     expert_of_slot = torch.tensor([0, 1, 0, 2, 3, 1])

@@ -1,4 +1,4 @@
-"""The placement simulator's cost model (benchmarks/placement_sim.py) on hand-worked cases: 2 nodes x
+"""The placement simulator's cost model (benchmarks/placement_cost.py) on hand-worked cases: 2 nodes x
 2 GPUs (ranks 0, 1 on node 0; ranks 2, 3 on node 1), 4 experts, a handful of tokens whose home is
 rank t mod 4. Rows of 1000 bytes, so bytes = rows * 1000; a step doubles the forward pass.
 
@@ -7,20 +7,12 @@ Shape key: Y MoE layers, T tokens, K top-k, S slots, R ranks
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
+from benchmarks import placement_cost as sim
+from benchmarks.placement_sim import node_affinity_placement
 from epmoe.placement.placement import Placement, RoutingStats
-
-from .conftest import REPO
-
-_spec = importlib.util.spec_from_file_location("placement_sim", REPO / "benchmarks" / "placement_sim.py")
-sim = importlib.util.module_from_spec(_spec)
-sys.modules["placement_sim"] = sim  # dataclasses look their module up by name
-_spec.loader.exec_module(sim)
 
 ROW = 1000
 CLUSTER = sim.Cluster(
@@ -131,9 +123,7 @@ def test_node_affinity_keeps_pairs_on_one_node():
     load_YE = torch.full((2, E), 10)
     cooc_YEE = torch.zeros(1, E, E, dtype=torch.int64)
     cooc_YEE[0, torch.arange(E), partner_E] = 10
-    placement = sim.node_affinity_placement(
-        E, ep=4, gpus_per_node=2, stats=RoutingStats(load_YE, cooc_YEE), num_layers=2
-    )
+    placement = node_affinity_placement(E, ep=4, gpus_per_node=2, stats=RoutingStats(load_YE, cooc_YEE), num_layers=2)
     node_YE = torch.stack([placement.rank_share_YER[y].argmax(1) // 2 for y in range(2)])  # [Y, E] node of each expert
     assert torch.equal(node_YE[0], node_YE[1, partner_E])
     assert placement.imbalance(load_YE) == pytest.approx(1.0)  # 2 experts of equal load on every rank

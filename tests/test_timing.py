@@ -65,8 +65,6 @@ def test_run_summary_averages_each_layer_over_the_timed_steps() -> None:
 
 
 def test_chunk_tuner_tries_each_candidate_then_keeps_the_fastest() -> None:
-    from torch import nn
-
     from epmoe.comm.pipelined import PipelinedDispatcher
     from epmoe.config import ModelConfig, RouterConfig
     from epmoe.model.moe import MoE
@@ -77,7 +75,7 @@ def test_chunk_tuner_tries_each_candidate_then_keeps_the_fastest() -> None:
 
     moe = MoE(ModelConfig(d_model=8, num_experts=4, expert_hidden=4), RouterConfig(top_k=1))
     moe.dispatcher = PipelinedDispatcher(torch.arange(4), TwoRanks(), chunks=1)
-    tuner = ChunkTuner(nn.ModuleList([moe]), candidates=(1, 2, 4), trials=2)
+    tuner = ChunkTuner([moe.dispatcher], candidates=(1, 2, 4), trials=2)
     # per step: (chunks the tuner sets, seconds the step took); warm-up steps are not counted
     steps = [(1, 9.0), (1, 3.0), (1, 3.2), (2, 9.0), (2, 2.0), (2, 2.4), (4, 0.1), (4, 2.9), (4, 3.1)]
     for index, (expected, seconds) in enumerate(steps):

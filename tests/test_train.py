@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from epmoe.model.transformer import Transformer
+from epmoe.parallel.parallelize import Parallel
 from epmoe.train import checkpoint_files
 from epmoe.train.checkpoint_files import CheckpointError
 from epmoe.train.cli import load_config
 from epmoe.train.data import load_splits, sample_batch
 from epmoe.train.engine import NativeEngine, lr_factor
-from epmoe.train.loop import Parallel, lm_loss, train, train_step
+from epmoe.train.step import lm_loss, train_step
+from epmoe.train.trainer import train
 
 from .conftest import TINY, run_cli
 
@@ -147,16 +149,16 @@ def test_moe_vs_dense_experiment_sweeps_both_models(tmp_path: Path, text_corpus:
 
 
 def test_interrupt_saves_the_last_completed_step(tmp_path: Path, text_corpus: Path, monkeypatch) -> None:
-    from epmoe.train import loop
+    from epmoe.train import trainer
 
-    real_step = loop.train_step
+    real_step = trainer.train_step
 
     def interrupted_at_step_3(*args, **kwargs):
         if args[-1] == 3:  # the 4th step: steps 1-3 are done
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", interrupted_at_step_3)
+    monkeypatch.setattr(trainer, "train_step", interrupted_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train(_tiny(text_corpus, "train.steps=8"), tmp_path / "run")
     assert checkpoint_files.latest(tmp_path / "run").name == "step_00000003"

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from epmoe.launch.commands import free_port
-
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, free_port
 
 # benchmarks/netns.py sets up the namespaces (the overlap benchmark's shaped link uses it too)
 _spec = importlib.util.spec_from_file_location("netns", REPO / "benchmarks" / "netns.py")

@@ -89,7 +89,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class GroupedExperts(nn.Module):
-    """E independent FFNs D -> F -> D with weights stacked on a leading expert dimension."""
+    """E independent FFNs D -> F -> D with weights stacked on a leading expert dimension.
+
+    `stacked_weights()` is the one answer to "which tensors are expert weights": expert
+    parallelism shards them (`keep_experts`), gradient rules, migration and checkpoints read them.
+    """
+
+    # the stacked [E, ...] weights, in checkpoint order (w_up_EDF exists with SwiGLU only)
+    WEIGHT_NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
     def __init__(
         self,
@@ -119,6 +126,17 @@ class GroupedExperts(nn.Module):
         if self.w_up_EDF is not None:
             nn.init.normal_(self.w_up_EDF, std=1 / math.sqrt(D))
         nn.init.normal_(self.w_down_EFD, std=out_init_scale / math.sqrt(F_))
+
+    def stacked_weights(self) -> dict[str, nn.Parameter]:
+        """{attribute name: [E, ...] parameter} of the weights this module has, in WEIGHT_NAMES order."""
+        return {name: p for name in self.WEIGHT_NAMES if (p := getattr(self, name)) is not None}
+
+    def keep_experts(self, ids_L: torch.Tensor) -> None:
+        """Keep only the experts `ids_L` (global ids, in that order; repeats are copies): expert
+        e's rows become local rows. Replaces the parameters (an optimizer must be built after)."""
+        for name, full in self.stacked_weights().items():
+            setattr(self, name, nn.Parameter(full.detach()[ids_L].clone()))
+        self.num_experts = len(ids_L)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         impl = self.impl

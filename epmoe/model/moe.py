@@ -6,8 +6,8 @@ Shape key: B sequences, S sequence length, T = B*S tokens, D model width, X exch
 2. the dispatcher sorts (token, choice) pairs into per-expert segments, runs the experts
    and sums the weighted outputs back per token (LocalDispatcher here; expert parallelism
    swaps in an all-to-all dispatcher from outside);
-3. shared experts (always on, DeepSeekMoE) see every token and are added; a dispatcher that
-   exchanges (`dispatch_with_overlap`) computes them while its first chunk of tokens travels.
+3. shared experts (always on, DeepSeekMoE) see every token and are added; they are the
+   dispatcher's side computation, which a dispatcher that exchanges runs while tokens travel.
 With `exchange_dim` X > 0 (BigMac: descend, communicate, compute, communicate, ascend) the
 tokens are projected D -> X before step 2 and the routed output X -> D after it: the
 exchange and the routed experts run at width X. The router and shared experts see width D.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from epmoe.config import ModelConfig, RouterConfig
-from epmoe.model.dispatch import Dispatcher, LocalDispatcher
+from epmoe.model.dispatch import Dispatcher, LocalDispatcher, Side
 from epmoe.model.experts import MLP, GroupedExperts
 from epmoe.model.router import Router, Routing
 
@@ -53,14 +53,20 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD, seq_len=S)
         routed_in = x_TD if self.descend is None else self.descend(x_TD)  # (T, D) -> (T, X)
-        if self.shared is not None and hasattr(self.dispatcher, "dispatch_with_overlap"):
-            # a dispatcher that exchanges computes the shared experts while its tokens travel
-            y_TD, shared_TD = self.dispatcher.dispatch_with_overlap(routed_in, routing, self.experts, self.shared, x_TD)
-        else:
-            y_TD = self.dispatcher(routed_in, routing, self.experts)
-            shared_TD = self.shared(x_TD) if self.shared is not None else None
+        side = Side(self.shared, x_TD) if self.shared is not None else None
+        y_TD, shared_TD = self.dispatcher(routed_in, routing, self.experts, side)
         if self.ascend is not None:
             y_TD = self.ascend(y_TD)  # (T, X) -> (T, D)
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
         return y_TD.view(B, S, D).to(x_BSD.dtype), routing
+
+
+def named_moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """(module name, MoE) of every MoE layer of `model`, in model order: MoE layer y is the y-th."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer of `model`, in model order."""
+    return [m for _, m in named_moe_layers(model)]

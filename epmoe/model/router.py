@@ -33,10 +33,11 @@ class Routing:
     aux_loss: torch.Tensor  # scalar, coefficient applied (0 when off)
     z_loss: torch.Tensor  # scalar, coefficient applied (0 when off)
 
-    @property
-    def dropped(self) -> int:
-        """Number of dropped (token, choice) pairs. NOTE: host sync."""
-        return 0 if self.keep_TK is None else int((~self.keep_TK).sum())
+    def dropped(self) -> torch.Tensor:
+        """Number of dropped (token, choice) pairs, a 0-d int64 tensor on the routing's device."""
+        if self.keep_TK is None:
+            return torch.zeros((), dtype=torch.long, device=self.topk_idx_TK.device)
+        return (~self.keep_TK).sum()
 
 
 def group_limited_mask(scores_TE: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:

@@ -67,16 +67,17 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg, out_scale)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.is_moe = is_moe_layer(cfg, layer)
         self.ffn: nn.Module = (
             MoE(cfg, router_cfg, out_scale)
-            if is_moe_layer(cfg, layer)
+            if self.is_moe
             else MLP(cfg.d_model, cfg.dense_hidden, cfg.activation, out_scale)
         )
 
     def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR)
         h_BSD = self.ffn_norm(x_BSD)
-        if isinstance(self.ffn, MoE):
+        if self.is_moe:  # the MoE layer also returns its routing
             y_BSD, routing = self.ffn(h_BSD)
             return x_BSD + y_BSD, routing
         return x_BSD + self.ffn(h_BSD), None
@@ -104,9 +105,6 @@ class Transformer(nn.Module):
         cos_SR, sin_SR = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("cos_SR", cos_SR, persistent=False)
         self.register_buffer("sin_SR", sin_SR, persistent=False)
-
-    def moe_layers(self) -> list[MoE]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
     def forward(self, tokens_BS: torch.Tensor) -> LMOutput:
         x_BSD = self.embed(tokens_BS)

@@ -12,18 +12,17 @@ from __future__ import annotations
 import statistics
 
 import torch
-from torch import nn
 
 from epmoe.comm.pipelined import PipelinedDispatcher
 from epmoe.comm.process import all_reduce_sum_
-from epmoe.model.moe import MoE
 
 CANDIDATES = (1, 2, 4)
 
 
 class ChunkTuner:
-    def __init__(self, model: nn.Module, candidates=CANDIDATES, trials: int = 2):
-        self.model, self.candidates = model, tuple(candidates)
+    def __init__(self, dispatchers: list[PipelinedDispatcher], candidates=CANDIDATES, trials: int = 2):
+        """dispatchers: every MoE layer's (they stay installed across re-placements)."""
+        self.dispatchers, self.candidates = dispatchers, tuple(candidates)
         # (candidate, timed?) per tuning step: one warm-up step, then `trials` timed ones
         self.schedule = [(c, i > 0) for c in self.candidates for i in range(1 + trials)]
         self.seconds: dict[int, list[float]] = {c: [] for c in self.candidates}
@@ -37,10 +36,8 @@ class ChunkTuner:
         return chunks
 
     def _set(self, chunks: int) -> None:
-        # looked up every time: a re-placement installs new dispatchers
-        for m in self.model.modules():
-            if isinstance(m, MoE) and isinstance(m.dispatcher, PipelinedDispatcher):
-                m.dispatcher.chunks = chunks
+        for dispatcher in self.dispatchers:
+            dispatcher.chunks = chunks
 
     def after_step(self, index: int, seconds: float) -> int | None:
         """Record the step's time; returns the chosen chunk count on the step that decides it."""

@@ -1,7 +1,9 @@
 """Apply expert parallelism to a single-device model from outside (the torchtitan way).
 
 For every MoE layer y: keep only this rank's experts' weights (by layer y's placement map) and
-install an all-to-all dispatcher (plain, or pipelined in chunks). The model's code does not change.
+install an exchanging dispatcher (plain all-to-all, or pipelined in chunks). The model's code
+does not change. `apply_placement` is the one way dispatchers are pointed at a placement: at
+set-up here, after a re-placement (migration.py) and after a checkpoint restores a saved map.
 """
 
 from __future__ import annotations
@@ -13,26 +15,10 @@ from epmoe.comm.communicator import Communicator, TorchCommunicator
 from epmoe.comm.dispatch import AllToAllDispatcher
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.pipelined import PipelinedDispatcher
-from epmoe.model.moe import MoE
+from epmoe.comm.slot_map import SlotMap
+from epmoe.model.moe import moe_layers
 from epmoe.placement.placement import Placement, RoutingStats
 from epmoe.placement.policies import PLACEMENTS
-from epmoe.placement.slot_map import SlotMap
-
-EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
-
-
-def moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-def shard_experts(moe: MoE, local_ids_L: torch.Tensor) -> None:
-    """Replace the stacked expert weights by the rows of `local_ids_L` (in that order)."""
-    experts = moe.experts
-    for name in EXPERT_WEIGHTS:
-        full = getattr(experts, name)
-        if full is not None:
-            setattr(experts, name, nn.Parameter(full.detach()[local_ids_L].clone()))
-    experts.num_experts = len(local_ids_L)
 
 
 def static_placement(policy: str, num_experts: int, ep: int, num_layers: int, slots_per_rank: int = 0) -> Placement:
@@ -47,6 +33,15 @@ def static_placement(policy: str, num_experts: int, ep: int, num_layers: int, sl
     if policy not in ("contiguous", "round_robin"):
         policy = "contiguous"
     return PLACEMENTS[policy](num_experts, ep, slots, None, num_layers)
+
+
+def apply_placement(model: nn.Module, placement: Placement, ep_rank: int) -> None:
+    """Point every MoE layer's (exchanging) dispatcher at `placement`'s map for that layer.
+
+    Only the routing changes: the expert weights must already be the placement's (sharded by
+    `apply_expert_parallel`, moved by migration, or loaded by a checkpoint restore)."""
+    for y, moe in enumerate(moe_layers(model)):
+        moe.dispatcher.slot_map = SlotMap(placement.expert_of_slot_YS[y], placement.ep, ep_rank, placement.num_experts)
 
 
 def apply_expert_parallel(
@@ -73,21 +68,11 @@ def apply_expert_parallel(
         placement = static_placement(placement, dims.num_experts, dims.ep, len(layers), slots_per_rank)
     ep_rank = dims.ep_rank(rank)
     for y, moe in enumerate(layers):
-        shard_experts(moe, placement.experts_on_rank(y, ep_rank))  # replicas are copies of their expert
+        moe.experts.keep_experts(placement.experts_on_rank(y, ep_rank))  # replicas are copies of their expert
         slots = SlotMap(placement.expert_of_slot_YS[y], dims.ep, ep_rank, dims.num_experts)
-        install_dispatcher(moe, slots, comm, chunks, payload_dtype)
+        moe.dispatcher = (
+            AllToAllDispatcher(slots, comm, payload_dtype)
+            if chunks is None
+            else PipelinedDispatcher(slots, comm, chunks, payload_dtype)
+        )
     return placement
-
-
-def install_dispatcher(
-    moe: MoE,
-    slots: SlotMap | torch.Tensor,
-    comm: Communicator,
-    chunks: int | None,
-    payload_dtype: torch.dtype | None = None,
-) -> None:
-    moe.dispatcher = (
-        AllToAllDispatcher(slots, comm, payload_dtype)
-        if chunks is None
-        else PipelinedDispatcher(slots, comm, chunks, payload_dtype)
-    )

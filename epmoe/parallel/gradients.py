@@ -7,6 +7,10 @@ Each rank's loss is the mean over its own tokens; the global loss is their mean 
   backward brought them home): sum over the expert-data-parallel group (the replicas) / world.
 The global norm counts every parameter once: the replicated part once, each expert once
 (summed over the EP group, not over replicas).
+
+The sums travel in flat buckets of about BUCKET_BYTES (DDP's default size), all issued before
+the first is waited for, instead of one blocking call per parameter; a bucket sums exactly what
+its parameters' own all-reduces would.
 """
 
 from __future__ import annotations
@@ -14,25 +18,69 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from epmoe.comm.communicator import Handle, TorchCommunicator
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import all_reduce_sum_
+from epmoe.model.moe import moe_layers
+
+BUCKET_BYTES = 25 << 20
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(replicated, expert) parameters; expert ones are the stacked `*_EDF`/`*_EFD` weights."""
-    replicated, expert = [], []
-    for name, p in model.named_parameters():
-        (expert if ".experts.w_" in f".{name}" else replicated).append(p)
-    return replicated, expert
+    """(replicated, expert) parameters in model order; expert ones are the experts' stacked weights."""
+    expert_ids = {id(p) for moe in moe_layers(model) for p in moe.experts.stacked_weights().values()}
+    params = list(model.parameters())
+    return [p for p in params if id(p) not in expert_ids], [p for p in params if id(p) in expert_ids]
 
 
-def reduce_gradients(model: nn.Module, dims: ParallelDims) -> None:
+def buckets(params: list[nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -> list[list[nn.Parameter]]:
+    """Consecutive runs of `params` of one gradient dtype and device, each closed once it reaches
+    bucket_bytes (a parameter larger than that is a bucket of its own)."""
+    out: list[list[nn.Parameter]] = []
+    size = 0
+    for p in params:
+        g = p.grad
+        if out and size < bucket_bytes and (g.dtype, g.device) == (out[-1][0].grad.dtype, out[-1][0].grad.device):
+            out[-1].append(p)
+            size += g.numel() * g.element_size()
+        else:
+            out.append([p])
+            size = g.numel() * g.element_size()
+    return out
+
+
+class _Bucket:
+    """One flat buffer of several parameters' gradients, summed over a group in flight."""
+
+    def __init__(self, params: list[nn.Parameter], group) -> None:
+        self.params = params
+        self.flat = torch.cat([p.grad.reshape(-1) for p in params])
+        self.handle: Handle = TorchCommunicator(group).all_reduce_sum_(self.flat)
+
+    def finish(self, world: int) -> None:
+        """Wait for the sum, then every gradient = its sum / world."""
+        self.handle.wait()
+        self.flat.div_(world)
+        for p, piece in zip(self.params, self.flat.split([p.numel() for p in self.params])):
+            p.grad.copy_(piece.view_as(p.grad))
+
+
+def reduce_gradients(model: nn.Module, dims: ParallelDims, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Apply the reduction rules above to every gradient of `model` (a parameter without one gets zeros)."""
     replicated, expert = split_params(model)
-    for params, group in ((replicated, None), (expert, dims.expert_dp_group)):
+    in_flight: list[_Bucket] = []
+    rules = ((replicated, None, dims.world), (expert, dims.expert_dp_group, dims.world // dims.ep))
+    for params, group, group_size in rules:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            all_reduce_sum_(p.grad, group).div_(dims.world)
+        if group_size == 1:  # nothing to sum: each expert lives on this rank alone
+            for p in params:
+                p.grad.div_(dims.world)
+            continue
+        in_flight += [_Bucket(bucket, group) for bucket in buckets(params, bucket_bytes)]
+    for bucket in in_flight:
+        bucket.finish(dims.world)
 
 
 def clip_global_norm_(
@@ -42,7 +90,9 @@ def clip_global_norm_(
     row_weights: per-row weights of stacked expert weights holding replicas (replicas.py)."""
     replicated, expert = split_params(model)
     row_weights = row_weights or {}
-    sq = torch.zeros(2, dtype=torch.float64)
+    grads = [p.grad for p in replicated + expert if p.grad is not None]
+    # squares summed where the gradients are, in parameter order (no per-parameter host copy)
+    sq = torch.zeros(2, dtype=torch.float64, device=grads[0].device if grads else None)
     for i, params in enumerate((replicated, expert)):
         for p in params:
             if p.grad is None:
@@ -50,12 +100,12 @@ def clip_global_norm_(
             sq_rows = p.grad.detach().double().square()
             if p in row_weights:  # [L, ...] rows of replicated experts count 1 / replicas each
                 sq_rows = sq_rows.flatten(1).sum(1) * row_weights[p].to(sq_rows.device)
-            sq[i] += sq_rows.sum().cpu()
-    all_reduce_sum_(sq[1:], dims.ep_group)  # every expert once: across the EP group only
-    total = sq.sum().sqrt().item()
+            sq[i] += sq_rows.sum().to(sq.device)
+    if dims.ep > 1:  # every expert once: summed across the EP group only
+        all_reduce_sum_(sq[1:], dims.ep_group)
+    total = sq.sum().sqrt().item()  # NOTE: host sync: the step's finite check and the metrics read it
     if total > max_norm:
         scale = max_norm / (total + 1e-6)
-        for p in replicated + expert:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        for g in grads:
+            g.mul_(scale)
     return total

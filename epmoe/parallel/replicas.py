@@ -18,7 +18,7 @@ from torch import nn
 
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import all_reduce_sum_
-from epmoe.parallel.expert_parallel import EXPERT_WEIGHTS, moe_layers
+from epmoe.model.moe import moe_layers
 from epmoe.placement.placement import Placement
 
 
@@ -41,10 +41,8 @@ def replica_rows(model: nn.Module, placement: Placement, ep_rank: int) -> list[R
             continue
         expert_of_row_L = placement.experts_on_rank(y, ep_rank)
         weight_L = 1.0 / replicas_YE[y][expert_of_row_L].double()
-        for name in EXPERT_WEIGHTS:
-            param = getattr(moe.experts, name)
-            if param is not None:
-                rows.append(ReplicaRows(param, expert_of_row_L, weight_L))
+        for param in moe.experts.stacked_weights().values():
+            rows.append(ReplicaRows(param, expert_of_row_L, weight_L))
     return rows
 
 

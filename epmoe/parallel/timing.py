@@ -13,7 +13,7 @@ import time
 from torch import nn
 
 from epmoe.comm.timing import TimedCommunicator, union_seconds
-from epmoe.model.moe import MoE
+from epmoe.model.moe import MoE, moe_layers
 
 STEP_KEYS = ("exchange_ms", "exposed_ms", "expert_ms")  # per-layer lists in a step's metrics
 
@@ -46,8 +46,8 @@ class LayerTimer:
 
 
 def attach_timers(model: nn.Module) -> list[LayerTimer]:
-    """One LayerTimer per MoE layer whose dispatcher exchanges (has a communicator)."""
-    return [LayerTimer(m) for m in model.modules() if isinstance(m, MoE) and hasattr(m.dispatcher, "comm")]
+    """One LayerTimer per MoE layer; the layers' dispatchers must exchange (expert parallelism)."""
+    return [LayerTimer(m) for m in moe_layers(model)]
 
 
 def step_timing(timers: list[LayerTimer]) -> dict[str, list[float]]:

@@ -31,7 +31,7 @@ from epmoe.config import ConfigError, register_configs
 from epmoe.train.checkpoint_files import CheckpointError
 from epmoe.train.cli import CONFIG_NAME, load_config, to_config
 from epmoe.train.data import DataError
-from epmoe.train.loop import TrainingAborted, train
+from epmoe.train.trainer import TrainingAborted, train
 
 USER_ERRORS = (ConfigError, ParallelConfigError, DataError, CheckpointError)
 EXIT_USAGE = 2

@@ -1,6 +1,6 @@
 """The files of a checkpoint: names, atomic fsynced writes, checksums, the manifest, and
 finding, verifying and pruning complete checkpoints. What goes into the files (and how a
-checkpoint reshards on load) is epmoe/train/checkpoint.py, whose docstring has the layout.
+checkpoint reshards on load) is epmoe/train/checkpoint_state.py, whose docstring has the layout.
 
 A checkpoint directory `step_<N>/` (N zero-padded to 8 digits) is complete when it holds its
 manifest (written last, after every file is fsynced and hashed); `step_<N>.tmp/` never is.

@@ -24,21 +24,18 @@ import functools
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from epmoe.comm.process import ensure_process_group
 from epmoe.config import ConfigError, TrainConfig
-from epmoe.model.moe import MoE
+from epmoe.model.moe import MoE, moe_layers
 from epmoe.model.transformer import LMOutput, Transformer
-from epmoe.parallel.expert_parallel import moe_layers
 from epmoe.parallel.gradients import clip_global_norm_, split_params
+from epmoe.parallel.parallelize import Parallel
 from epmoe.train.engine import build_optimizer, build_schedule, max_grad_norm
-
-if TYPE_CHECKING:
-    from epmoe.train.loop import Parallel
 
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
@@ -144,7 +141,7 @@ class DeepSpeedEngine:
         return view, schedule
 
     def load_portable(self, optimizer: torch.optim.Optimizer, scheduler: LRScheduler) -> None:
-        """Take the state that checkpoint.restore loaded into `portable()`'s optimizer and schedule."""
+        """Take the state that checkpoint_state.restore loaded into `portable()`'s optimizer and schedule."""
         if self.zero:  # the model's weights were loaded; ZeRO's fp32 master partitions are copies
             from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 

@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from epmoe.config import TrainConfig
 from epmoe.model.transformer import LMOutput, Transformer
-from epmoe.parallel.gradients import clip_global_norm_, reduce_gradients
-from epmoe.parallel.replicas import norm_weights, reduce_replica_grads, replica_rows
-
-if TYPE_CHECKING:
-    from epmoe.train.loop import Parallel
+from epmoe.parallel.parallelize import Parallel
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -97,14 +93,7 @@ class NativeEngine:
         loss.backward()
 
     def prepare(self) -> float:
-        par, replicas = self.par, []  # placement=redundant: the stacked expert weights that hold replicas
-        if par.info.world > 1:
-            reduce_gradients(self.model, par.dims)
-            placement = par.expert_placement
-            if placement is not None and placement.has_replicas:
-                replicas = replica_rows(self.model, placement, par.dims.ep_rank(par.info.rank))
-                reduce_replica_grads(replicas, par.dims.num_experts, par.dims)
-        self._norm = clip_global_norm_(self.model, par.dims, max_grad_norm(self.cfg), norm_weights(replicas))
+        self._norm = self.par.reduce_and_clip(self.model, max_grad_norm(self.cfg))
         return self._norm
 
     def update(self) -> tuple[bool, float]:
@@ -123,4 +112,4 @@ class NativeEngine:
         return self.optimizer, self.scheduler  # already the native layout
 
     def load_portable(self, optimizer: torch.optim.Optimizer, scheduler: LRScheduler) -> None:
-        pass  # checkpoint.restore loaded into our own optimizer and schedule
+        pass  # checkpoint_state.restore loaded into our own optimizer and schedule

@@ -1,13 +1,13 @@
-"""`python -m epmoe.checkpoint inspect|verify|consolidate`: look at, check and export checkpoints.
+"""`python -m epmoe.train.checkpoint_cli inspect|verify|consolidate`: look at, check and export checkpoints.
 
-    python -m epmoe.checkpoint inspect RUN_DIR|CHECKPOINT_DIR      # manifest summary and file sizes
-    python -m epmoe.checkpoint verify RUN_DIR|CHECKPOINT_DIR       # sha256 of every file; exit 1 if bad
-    python -m epmoe.checkpoint consolidate CHECKPOINT OUT.pt       # one single-device model state dict
+    python -m epmoe.train.checkpoint_cli inspect RUN_DIR|CHECKPOINT_DIR      # manifest summary and file sizes
+    python -m epmoe.train.checkpoint_cli verify RUN_DIR|CHECKPOINT_DIR       # sha256 of every file; exit 1 if bad
+    python -m epmoe.train.checkpoint_cli consolidate CHECKPOINT OUT.pt       # one single-device model state dict
 
 A run directory names its newest complete checkpoint. `consolidate` writes every expert in global
 order: `Transformer(cfg.model, cfg.router).load_state_dict(torch.load(OUT.pt, weights_only=True))`.
 Exit codes: 0 ok, 1 a checkpoint that fails verification, 2 a path that is not a checkpoint.
-The format and the logic live in epmoe/train/checkpoint.py; this is only the command line.
+The format and the logic live in epmoe/train/checkpoint_state.py; this is only the command line.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from epmoe.train import checkpoint, checkpoint_files
+from epmoe.train import checkpoint_files, checkpoint_state
 from epmoe.train.checkpoint_files import CheckpointError
 
 EXIT_BAD_CHECKPOINT, EXIT_USAGE = 1, 2
@@ -69,7 +69,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _consolidate(args: argparse.Namespace) -> int:
     ckpt = checkpoint_files.latest(args.path)
     try:
-        state = checkpoint.consolidate(ckpt)
+        state = checkpoint_state.consolidate(ckpt)
     except CheckpointError as e:
         print(f"bad: {e}", file=sys.stderr)
         return EXIT_BAD_CHECKPOINT
@@ -88,7 +88,7 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m epmoe.checkpoint", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m epmoe.train.checkpoint_cli", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, run, help_ in (
         ("inspect", _inspect, "print the manifest summary and the files' sizes"),

@@ -8,8 +8,8 @@ Every `rebalance_every` steps the `Rebalancer`
 2. asks the policy for a new placement on rank 0 and broadcasts it, so that every rank installs
    the same map even where a solver is time-limited (affinity's HiGHS);
 3. per MoE layer, sends each local expert's rows (weights, and the optimizer's per-parameter
-   state such as AdamW's exp_avg / exp_avg_sq) to its new owner with one all-to-all per tensor,
-   and installs dispatchers for the new map.
+   state such as AdamW's exp_avg / exp_avg_sq) to its new owner with one all-to-all per tensor;
+and the caller points the dispatchers at the new map (`Parallel.rebalance` does both).
 Placement never changes the math: a run with re-placement computes the same losses as one
 without (tested). With replicas (`redundant`) every copy of an expert starts as a copy of the
 same old slot, so replicas stay identical.
@@ -20,14 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from epmoe.comm.communicator import Communicator
 from epmoe.comm.process import all_reduce_sum_
-from epmoe.model.moe import MoE
-from epmoe.parallel.expert_parallel import EXPERT_WEIGHTS, install_dispatcher
+from epmoe.model.moe import MoE, moe_layers
 from epmoe.placement.placement import Placement, RoutingStats
 from epmoe.placement.policies import PLACEMENTS
-from epmoe.placement.slot_map import SlotMap
 
 
 def broadcast_from_rank0(placement: Placement | None, shape: tuple[int, int], is_rank0: bool) -> torch.Tensor:
@@ -45,7 +44,8 @@ def migrate_layer(
     comm: Communicator,
     optimizer: torch.optim.Optimizer,
 ) -> int:
-    """Move `layer`'s experts from `old` to `new` placement on this rank; returns bytes sent away.
+    """Move `layer`'s expert weights and their optimizer state from `old` to `new` placement on
+    this rank; returns bytes sent away. The dispatchers still route by `old` (see apply_placement).
 
     Every new slot copies its expert from one old slot, the expert's first (a replica is a copy,
     so any would do). Each rank sends the rows that its old slots source, in new-slot order, so
@@ -67,10 +67,7 @@ def migrate_layer(
 
     moved_rows = len(sent_to_S) - input_splits[ep_rank]
     sent_bytes = 0
-    for name in EXPERT_WEIGHTS:
-        param = getattr(moe.experts, name)
-        if param is None:
-            continue
+    for param in moe.experts.stacked_weights().values():
         state = optimizer.state.get(param, {})
         tensors = [param.data] + [t for t in state.values() if torch.is_tensor(t) and t.shape == param.shape]
         for t in tensors:  # the weight, then its per-expert optimizer state (same shape)
@@ -78,9 +75,6 @@ def migrate_layer(
             got_LX = comm.all_to_all_v(rows_NX, output_splits, input_splits).wait()
             t[recv_local_L] = got_LX.view(L, *t.shape[1:])
             sent_bytes += moved_rows * t[0].numel() * t.element_size()
-    previous = moe.dispatcher  # the new one keeps its communicator (and any timing wrapper around it)
-    chunks, payload = getattr(previous, "chunks", None), getattr(previous, "payload_dtype", None)
-    install_dispatcher(moe, SlotMap(new_S, R, ep_rank, E), previous.comm, chunks, payload)
     return sent_bytes
 
 
@@ -90,26 +84,28 @@ class Rebalancer:
 
     policy: str
     every: int
-    placement: Placement
     ep_rank: int
     is_rank0: bool
-    comm: Communicator
+    comm: Communicator  # the EP group's, untimed: migration is not a training step's exchange
 
     def due(self, completed_steps: int, last: bool) -> bool:
         return self.every > 0 and completed_steps % self.every == 0 and not last
 
-    def rebalance(self, layers: list[MoE], stats: RoutingStats, optimizer: torch.optim.Optimizer) -> dict:
+    def rebalance(
+        self, model: nn.Module, old: Placement, stats: RoutingStats, optimizer: torch.optim.Optimizer
+    ) -> tuple[Placement, dict]:
         """Collective: every rank calls it at the same step with the same (global) stats.
-        Returns the metrics to log: imbalance under the old and new maps on this window, bytes."""
-        old = self.placement
+        Moves the experts (weights and optimizer state) from `old` to the policy's new map; the
+        dispatchers still route by `old` until the caller applies the new one. Returns (new
+        placement, metrics: imbalance under the old and new maps on this window, bytes)."""
         E, R, Y = old.num_experts, old.ep, old.num_layers
         proposal = PLACEMENTS[self.policy](E, R, old.slots_per_rank, stats, Y) if self.is_rank0 else None
         new = Placement(broadcast_from_rank0(proposal, tuple(old.expert_of_slot_YS.shape), self.is_rank0), R, E,
                         origin=proposal.origin if proposal else self.policy)  # fmt: skip
+        layers = moe_layers(model)
         sent = sum(migrate_layer(moe, old, new, y, self.ep_rank, self.comm, optimizer) for y, moe in enumerate(layers))
-        self.placement = new
         moved = torch.tensor([float(sent)], dtype=torch.float64)
-        return {
+        return new, {
             "placement_imbalance_old": old.imbalance(stats.load_YE),
             "placement_imbalance_new": new.imbalance(stats.load_YE),
             "placement_bytes_moved": all_reduce_sum_(moved)[0].item(),  # over all ranks

@@ -42,10 +42,9 @@ from torch import nn
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import all_reduce_sum_
 from epmoe.config import Config
-from epmoe.model.moe import MoE
-from epmoe.parallel.expert_parallel import EXPERT_WEIGHTS, install_dispatcher
+from epmoe.model.experts import GroupedExperts
+from epmoe.model.moe import named_moe_layers
 from epmoe.placement.placement import Placement, RoutingStats
-from epmoe.placement.slot_map import SlotMap
 from epmoe.train.checkpoint_files import (
     COMMON,
     FORMAT_VERSION,
@@ -63,18 +62,12 @@ from epmoe.train.checkpoint_files import (
 )
 
 
-def moe_modules(model: nn.Module) -> list[tuple[str, MoE]]:
-    """(module name, MoE) of every MoE layer, in model order: layer y is the y-th."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-
-
 def _expert_params(model: nn.Module) -> dict[str, tuple[int, str]]:
     """{full parameter name: (MoE layer, weight name)} of the stacked expert weights."""
     out = {}
-    for y, (prefix, moe) in enumerate(moe_modules(model)):
-        for w in EXPERT_WEIGHTS:
-            if getattr(moe.experts, w) is not None:
-                out[f"{prefix}.experts.{w}"] = (y, w)
+    for y, (prefix, moe) in enumerate(named_moe_layers(model)):
+        for w in moe.experts.stacked_weights():
+            out[f"{prefix}.experts.{w}"] = (y, w)
     return out
 
 
@@ -95,12 +88,9 @@ def _barrier() -> None:
 def _expert_state(model: nn.Module, optimizer: torch.optim.Optimizer, placement: Placement, ep_rank: int) -> dict:
     """This rank's expert rows (weights and optimizer state), keyed by layer and global expert id."""
     out: dict[str, torch.Tensor] = {}
-    for y, (_, moe) in enumerate(moe_modules(model)):
+    for y, (_, moe) in enumerate(named_moe_layers(model)):
         ids = placement.experts_on_rank(y, ep_rank).tolist()
-        for w in EXPERT_WEIGHTS:
-            param = getattr(moe.experts, w)
-            if param is None:
-                continue
+        for w, param in moe.experts.stacked_weights().items():
             rows = {"": param.detach()}  # suffix -> [L, ...] tensor
             for key, value in optimizer.state.get(param, {}).items():
                 if torch.is_tensor(value) and value.shape == param.shape:
@@ -170,7 +160,7 @@ def save(
     folder = checkpoint_dir(run_dir)
     final, tmp = folder / f"step_{step:08d}", folder / f"step_{step:08d}.tmp"
     main, ep = rank == 0, dims.ep
-    placement = placement or _identity_placement(len(moe_modules(model)), dims.num_experts)
+    placement = placement or _identity_placement(len(named_moe_layers(model)), dims.num_experts)
     if main:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("step_*.tmp"):  # left by a crash: never complete
@@ -204,8 +194,9 @@ def save(
             "ep": ep,
             "dp": dims.dp,
             "num_experts": dims.num_experts,
-            "moe_layers": [name for name, _ in moe_modules(model)],
-            "expert_weights": sorted({w for _, w in _expert_params(model).values()}, key=EXPERT_WEIGHTS.index),
+            "moe_layers": [name for name, _ in named_moe_layers(model)],
+            "expert_weights": sorted({w for _, w in _expert_params(model).values()},
+                                     key=GroupedExperts.WEIGHT_NAMES.index),  # fmt: skip
             "placement": None
             if placement is None
             else {
@@ -302,11 +293,12 @@ def restore(
 
     The optimizer must have been built over the sharded model (stepped or not). placement: the
     one installed (None: every expert local). keep_saved_placement: where the saved placement
-    has this run's ep, install it (its dispatchers too) instead; online re-placement wants that.
+    has this run's ep, load its experts instead; online re-placement wants that. The caller points
+    the dispatchers at the returned placement (`Parallel.apply_placement`).
     """
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
-    layers = moe_modules(model)
+    layers = named_moe_layers(model)
     if manifest["moe_layers"] != [n for n, _ in layers] or manifest["num_experts"] != dims.num_experts:
         raise CheckpointError(
             f"{ckpt} holds {manifest['num_experts']} experts in MoE layers {manifest['moe_layers']}, this model "
@@ -359,16 +351,6 @@ def restore(
     torch.set_rng_state(common["rng"]["torch"])
     if "cuda" in common["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(common["rng"]["cuda"])
-    if placement is rows.saved and dims.ep_enabled:  # the saved map: point the dispatchers at it
-        for y, (_, moe) in enumerate(layers):
-            old = moe.dispatcher
-            install_dispatcher(
-                moe,
-                SlotMap(placement.expert_of_slot_YS[y], dims.ep, ep_rank, dims.num_experts),
-                old.comm,
-                getattr(old, "chunks", None),
-                getattr(old, "payload_dtype", None),
-            )
     window = common.get("routing_window")
     data, t = manifest["data"], cfg.train
     now = {"seed": t.seed, "global_batch": t.batch_size * dims.world, "grad_accum": t.grad_accum}

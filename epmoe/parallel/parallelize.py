@@ -1,0 +1,122 @@
+"""parallelize(model, cfg, device) -> Parallel: the one place a single-device model becomes this
+rank's part of a parallel run.
+
+1. join the launcher's process group (comm/process.py reads its environment);
+2. build the EP and expert-DP groups (ParallelDims);
+3. data parallelism's forward rule (the routers' batch statistics over every rank);
+4. under expert parallelism: the EP communicator (torch or MPI), the dispatcher (plain all-to-all,
+   or pipelined in chunks, `auto` tuned in the first steps), the wire dtype, the start placement
+   with its replicas, per-layer exchange timers, and the rebalancer for online re-placement.
+The training loop only calls it and the `Parallel` it returns; it never parses comm or placement
+options itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from epmoe.comm.communicator import ep_communicator
+from epmoe.comm.parallel_dims import ParallelDims
+from epmoe.comm.process import RankInfo, all_reduce_sum_, init_from_env
+from epmoe.config import CommConfig, Config, ConfigError
+from epmoe.model.moe import moe_layers
+from epmoe.parallel.chunk_tuner import ChunkTuner
+from epmoe.parallel.data_parallel import apply_data_parallel
+from epmoe.parallel.expert_parallel import apply_expert_parallel, apply_placement
+from epmoe.parallel.gradients import clip_global_norm_, reduce_gradients
+from epmoe.parallel.migration import Rebalancer
+from epmoe.parallel.replicas import norm_weights, reduce_replica_grads, replica_rows
+from epmoe.parallel.timing import LayerTimer, attach_timers
+from epmoe.placement.placement import Placement, RoutingStats
+
+WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # comm.dtype -> the rows' dtype on the wire (None: as computed)
+
+
+@dataclass
+class Parallel:
+    """This rank's place in the run and what parallelism attached to the model; world 1 (no
+    process group) is the single-process case."""
+
+    info: RankInfo
+    dims: ParallelDims
+    placement: Placement | None = None  # the one in force now (None: every expert local)
+    rebalancer: Rebalancer | None = None  # online re-placement of experts (placement.rebalance_every)
+    timers: list[LayerTimer] = field(default_factory=list)  # per MoE layer, under expert parallelism
+    tuner: ChunkTuner | None = None  # comm.chunks=auto
+
+    @classmethod
+    def single(cls, num_experts: int, info: RankInfo | None = None) -> Parallel:
+        return cls(info or RankInfo(0, 1), ParallelDims(world=1, dp=1, ep=1, num_experts=num_experts))
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dims.ep_rank(self.info.rank)
+
+    def my_slice(self, x_BS: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch of world x batch_size sequences."""
+        per_rank = x_BS.shape[0] // self.info.world
+        return x_BS[self.info.rank * per_rank : (self.info.rank + 1) * per_rank]
+
+    def mean(self, value: float) -> float:
+        """Mean of a per-rank scalar over all ranks (equal batch sizes)."""
+        return all_reduce_sum_(torch.tensor([value], dtype=torch.float64))[0].item() / self.info.world
+
+    def apply_placement(self, model: nn.Module, placement: Placement) -> None:
+        """Route by `placement` from now on (its experts must be where it says: see apply_placement)."""
+        apply_placement(model, placement, self.ep_rank)
+        self.placement = placement
+
+    def rebalance(self, model: nn.Module, stats: RoutingStats, optimizer: torch.optim.Optimizer) -> dict:
+        """Collective: re-place the experts by the window's global routing stats; returns its metrics."""
+        new, metrics = self.rebalancer.rebalance(model, self.placement, stats, optimizer)
+        self.apply_placement(model, new)
+        return metrics
+
+    def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
+        """After backward: the reduction rules (gradients.py, replicas.py), then one global norm
+        clipped to max_norm (inf: only measured); returns the norm."""
+        replicas = []  # placement=redundant: the stacked expert weights that hold replicas
+        if self.info.world > 1:
+            reduce_gradients(model, self.dims)
+            if self.placement is not None and self.placement.has_replicas:
+                replicas = replica_rows(model, self.placement, self.ep_rank)
+                reduce_replica_grads(replicas, self.dims.num_experts, self.dims)
+        return clip_global_norm_(model, self.dims, max_norm, norm_weights(replicas))
+
+
+def dispatcher_chunks(comm: CommConfig) -> int | None:
+    """None: the plain all-to-all dispatcher; n: pipelined in n chunks (auto starts at 1 and is tuned)."""
+    if comm.dispatcher != "pipelined":
+        return None
+    return 1 if comm.chunks == "auto" else int(comm.chunks)
+
+
+def parallelize(model: nn.Module, cfg: Config, device: torch.device) -> Parallel:
+    """Join the launcher's process group (if any) and apply data and expert parallelism to `model`
+    from outside; see the module docstring. Collective when world > 1."""
+    info = init_from_env(device, cfg.train.collective_timeout_s)
+    if info.world == 1 and cfg.parallel.ep == 1:
+        return Parallel.single(cfg.model.num_experts, info)
+    dims = ParallelDims(world=info.world, dp=cfg.parallel.dp or info.world, ep=cfg.parallel.ep,
+                        num_experts=cfg.model.num_experts)  # fmt: skip
+    dims.build_groups(info.rank, datetime.timedelta(seconds=cfg.train.collective_timeout_s))
+    apply_data_parallel(model, dims)
+    if not dims.ep_enabled:
+        return Parallel(info, dims)
+    if cfg.comm.backend == "mpi" and device.type != "cpu":
+        raise ConfigError(f"comm.backend=mpi exchanges CPU tensors, but this run is on {device}; use comm=torch")
+    comm = ep_communicator(cfg.comm.backend, dims, info.rank)
+    chunks = dispatcher_chunks(cfg.comm)
+    placement = apply_expert_parallel(model, dims, info.rank, cfg.placement.policy, comm, chunks,
+                                      WIRE_DTYPES[cfg.comm.dtype], cfg.placement.slots_per_rank)  # fmt: skip
+    par = Parallel(info, dims, placement, timers=attach_timers(model))
+    if cfg.comm.chunks == "auto" and chunks is not None:
+        par.tuner = ChunkTuner([moe.dispatcher for moe in moe_layers(model)])
+    if cfg.placement.rebalance_every > 0:
+        par.rebalancer = Rebalancer(cfg.placement.policy, cfg.placement.rebalance_every, par.ep_rank,
+                                    info.is_main, comm)  # fmt: skip
+    return par

@@ -1,0 +1,172 @@
+"""One training step and one evaluation, as the trainer drives them.
+
+Shape key: B sequences per rank, S sequence length, V vocabulary, Y MoE layers, E experts.
+
+One step (`train_step`):
+1. for each of `grad_accum` micro-batches: forward under autocast, loss = cross-entropy +
+   the routers' aux and z losses, backward (scaled by 1/grad_accum); the step's sums (losses,
+   drops, per-layer expert load) accumulate on the device, no host sync per micro-batch;
+2. one all-reduce of those sums (and of the stop flag, see `StopRequest`) over all ranks;
+3. the engine reduces and clips the gradients to one global norm, and updates (AdamW);
+4. aux-loss-free balancing: each router's bias moves toward uniform by the step's global load;
+5. the step's metrics: losses, lr, gradient norm, per-layer expert load, imbalance, drops.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from epmoe.comm.process import all_reduce_sum_
+from epmoe.config import Config
+from epmoe.model.moe import moe_layers
+from epmoe.model.router import Routing
+from epmoe.model.transformer import Transformer
+from epmoe.parallel.parallelize import Parallel
+from epmoe.train.data import TokenSplits, sample_batch
+from epmoe.train.engine import Engine, autocast
+from epmoe.train.routing_stats import topk_of_layers
+
+VAL_STREAM = 1 << 20  # data stream ids >= this are validation batches
+_CE, _AUX, _Z, _DROPPED, _STOP = range(5)  # the step's sums; the per-layer load follows
+
+
+class NonFiniteStep(FloatingPointError):
+    """A step whose loss or gradient norm is not finite (train.on_nonfinite=abort)."""
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data: TokenSplits, cfg: Config, device: torch.device, par: Parallel) -> float:
+    """Mean held-out cross-entropy (nats/token) over the same `eval_batches` batches every time."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    global_batch = cfg.train.batch_size * par.info.world
+    for i in range(cfg.train.eval_batches):
+        x_BS, y_BS = sample_batch(data.val, global_batch, cfg.data.seq_len, cfg.train.seed, VAL_STREAM + i, 0)
+        with autocast(device, cfg.train.precision):
+            logits_BSV = model(par.my_slice(x_BS).to(device)).logits_BSV
+            total += lm_loss(logits_BSV, par.my_slice(y_BS).to(device)).double()
+    model.train()
+    return par.mean(total.item() / cfg.train.eval_batches)  # NOTE: host sync, once per evaluation
+
+
+def routing_metrics(load_YE: torch.Tensor, dropped: int, aux: float, z: float) -> dict[str, Any]:
+    """Summaries of one step's routing: load_YE = tokens per (MoE layer, expert)."""
+    if load_YE.numel() == 0:
+        return {}
+    load_YE = load_YE.double()
+    imbalance_Y = load_YE.max(dim=1).values / load_YE.mean(dim=1).clamp_min(1e-9)
+    return {
+        "aux_loss": aux,
+        "z_loss": z,
+        "imbalance": imbalance_Y.max().item(),  # worst layer's max/mean tokens per expert
+        "drop_frac": dropped / load_YE.sum().item(),
+        "expert_load": load_YE.long().tolist(),
+    }
+
+
+def _routing_losses(routings: list[Routing], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    zero = like.new_zeros(())
+    return sum((r.aux_loss for r in routings), zero), sum((r.z_loss for r in routings), zero)
+
+
+def train_step(
+    engine: Engine,
+    data: TokenSplits,
+    cfg: Config,
+    device: torch.device,
+    step: int,
+    par: Parallel | None = None,
+    on_routing: Callable[[int, torch.Tensor], None] | None = None,
+    stop: StopRequest | None = None,
+) -> dict[str, Any]:
+    """One optimizer step over grad_accum micro-batches; returns the step's metrics (all ranks).
+    on_routing(micro, topk_idx_YTK) sees every micro-batch's expert choices (Y MoE layers).
+    stop: this rank's stop flag, agreed with the other ranks' in the step's one reduction."""
+    t_cfg = cfg.train
+    par = par or Parallel.single(cfg.model.num_experts)
+    global_batch = t_cfg.batch_size * par.info.world
+    layers = moe_layers(engine.model)
+    Y, E = len(layers), cfg.model.num_experts
+    # per-rank sums [ce, aux, z, dropped, stop, load_YE...] in float64: counts stay exact below 2**53
+    sums = torch.zeros(5 + Y * E, dtype=torch.float64, device=device)
+    load_YE = sums[5:].view(Y, E)
+    for micro in range(t_cfg.grad_accum):
+        # the global batch depends only on (seed, micro, step): any world size sees the same data
+        x_BS, y_BS = sample_batch(data.train, global_batch, cfg.data.seq_len, t_cfg.seed, micro, step)
+        x_BS, y_BS = par.my_slice(x_BS), par.my_slice(y_BS)
+        out = engine.forward(x_BS.to(device))
+        ce = lm_loss(out.logits_BSV, y_BS.to(device))
+        if t_cfg.fault.nan_at_step == step + 1 and par.info.rank == 0:
+            ce = ce * float("nan")  # the injected fault of train.fault.nan_at_step
+        aux, z = _routing_losses(out.routings, ce)
+        engine.backward((ce + aux + z) / t_cfg.grad_accum, last=micro == t_cfg.grad_accum - 1)
+        sums[_CE] += ce.detach().double()
+        sums[_AUX] += aux.detach().double()
+        sums[_Z] += z.detach().double()
+        for y, routing in enumerate(out.routings):
+            load_YE[y] += routing.counts_E
+            sums[_DROPPED] += routing.dropped()
+        if on_routing is not None and out.routings:
+            on_routing(micro, topk_of_layers(out.routings))
+    if stop is not None:
+        sums[_STOP] = float(stop.requested)
+    if par.info.world > 1:  # the routers' bias must see the global load; the losses are means over ranks
+        all_reduce_sum_(sums)
+    # NOTE: the step's one host sync for its metrics (the gradient norm's is in the engine)
+    sums_host = sums.cpu()
+    ce_mean, aux_mean, z_mean = (sums_host[i].item() / par.info.world for i in (_CE, _AUX, _Z))
+    load_host_YE = sums_host[5:].view(Y, E).long()
+
+    n = t_cfg.grad_accum
+    record: dict[str, Any] = {"step": step + 1, "loss": ce_mean / n, "lr": engine.lr}
+    if stop is not None:
+        stop.agreed = sums_host[_STOP].item() > 0
+    grad_norm = engine.prepare()  # None: the engine knows it only once it updates (ZeRO)
+    # NOTE: the loss is a mean over ranks and the norm global, so every rank decides alike
+    if math.isfinite(ce_mean) and (grad_norm is None or math.isfinite(grad_norm)):
+        applied, grad_norm = engine.update()  # applied False: the engine discarded a non-finite step
+    else:
+        applied, grad_norm = False, engine.skip()
+    record["grad_norm"] = grad_norm
+    if not applied:
+        if t_cfg.on_nonfinite == "abort":
+            raise NonFiniteStep(f"non-finite training step {step + 1} (loss {ce_mean / n}, gradient norm {grad_norm})")
+        return {**record, "skipped_nonfinite": 1}  # skip: no update, no balancing step; counted
+    load_YE_device = load_host_YE.to(device)
+    for y, moe in enumerate(layers):
+        moe.router.update_bias(load_YE_device[y])
+    record.update(routing_metrics(load_host_YE, int(sums_host[_DROPPED].item()), aux_mean / n, z_mean / n))
+    return record
+
+
+class StopRequest:
+    """Ctrl-C under several ranks: the first SIGINT on any rank sets a flag; the ranks agree on it
+    in each step's one reduction (train_step's stop flag) and all stop after that same step, so
+    every rank can join the interrupt checkpoint. A second SIGINT stops at once, without one."""
+
+    def __init__(self) -> None:
+        self.requested = False  # on this rank, by its SIGINT handler
+        self.agreed = False  # on any rank, as of the last step's reduction
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

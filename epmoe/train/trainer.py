@@ -1,0 +1,283 @@
+"""The training program: build, resume, step, evaluate, finish.
+
+`train(cfg, run_dir)` takes a validated `Config` and a run directory and returns a
+`TrainResult`; Hydra and the command line stay in `__main__.py`. The pieces, in order:
+1. build: the data, the single-device model (seeded: the same weights on every rank), then
+   `parallelize` (process group, data and expert parallelism, placement, timers, tuner,
+   rebalancer), the engine, the loggers and the hooks (hooks.py);
+2. resume: from `train.resume`, or after a torchrun restart from the run's own newest checkpoint;
+3. step: the hooks before, `train_step` (step.py), the hooks after, logging, evaluation every
+   `eval_every` steps, a checkpoint every `checkpoint_every`; Ctrl-C on any rank stops every rank
+   after the same step and saves;
+4. finish: the final evaluation and checkpoint, the run's summary, a text sample, plots.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
+from epmoe.host_memory import retain_freed_host_memory
+from epmoe.model.moe import moe_layers
+from epmoe.model.transformer import Transformer
+from epmoe.parallel.parallelize import Parallel, parallelize
+from epmoe.parallel.timing import run_summary
+from epmoe.train import checkpoint_files, checkpoint_state
+from epmoe.train.data import TokenSplits, load_splits
+from epmoe.train.engine import Engine, NativeEngine, autocast
+from epmoe.train.hooks import build_hooks, routing_callback
+from epmoe.train.loggers import Loggers
+from epmoe.train.plots import plot_run
+from epmoe.train.routing_stats import RoutingCounts, RoutingTrace
+from epmoe.train.step import NonFiniteStep, StopRequest, evaluate, train_step
+
+LN2 = math.log(2)
+
+
+class TrainingAborted(RuntimeError):
+    """The run stopped itself (a non-finite step); the message says where and what was kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    losses: list[float] = field(default_factory=list)  # training loss (cross-entropy) per step run
+    val_loss: float | None = None  # final held-out cross-entropy, nats per token
+    checkpoint: Path | None = None
+
+    @property
+    def val_bpb(self) -> float | None:
+        """Held-out bits per token (per byte for byte-level data)."""
+        return None if self.val_loss is None else self.val_loss / LN2
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
+    return torch.device(name)
+
+
+def build_engine(model: Transformer, cfg: TrainConfig, par: Parallel, device: torch.device) -> Engine:
+    if cfg.engine == "deepspeed":
+        from epmoe.train.deepspeed_engine import DeepSpeedEngine  # DeepSpeed is imported only when asked for
+
+        return DeepSpeedEngine(model, cfg, par, device)
+    return NativeEngine(model, cfg, par, device)
+
+
+class Trainer:
+    """One run of the configured training; see the module docstring."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        """1. build (collective when world > 1)."""
+        self.cfg, self.run_dir = cfg, run_dir
+        t_cfg, self.device = cfg.train, resolve_device(cfg.train.device)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if t_cfg.threads > 0:
+            torch.set_num_threads(t_cfg.threads)
+        retain_freed_host_memory()  # big per-step CPU tensors reuse freed memory instead of faulting in fresh pages
+        torch.manual_seed(t_cfg.seed)
+
+        self.data: TokenSplits = load_splits(cfg.data, cfg.model.vocab_size)
+        self.model = Transformer(cfg.model, cfg.router).to(self.device)  # the same weights on every rank (seeded)
+        self.par = parallelize(self.model, cfg, self.device)
+        self.engine = build_engine(self.model, t_cfg, self.par, self.device)
+        num_moe = len(moe_layers(self.model))
+        self.counts = RoutingCounts(num_moe, cfg.model.num_experts) if self.par.rebalancer else None
+        self.start_step = self.completed = 0  # completed: optimizer steps whose effect is in the model
+
+        self.main = self.par.info.is_main  # only rank 0 prints, plots and logs
+        self.log_cfg = cfg.logger if self.main else LoggerConfig(console=False, progress=False, jsonl=False,
+                                                                 plots=False)  # fmt: skip
+        self.trace = RoutingTrace(self.log_cfg.routing_trace_every, self.log_cfg.routing_trace_tokens,
+                                  cfg.model.num_experts, self.par.dims.ep, self.par.info.world)  # fmt: skip
+        self.hooks = build_hooks(self)
+        self.result = TrainResult(run_dir)
+        self.tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum * self.par.info.world
+        self.bar: tqdm | None = None
+        self.loggers: Loggers | None = None
+
+    # -- output ----------------------------------------------------------------------------------
+
+    def say(self, *args: Any, **kwargs: Any) -> None:
+        """print, on rank 0 only."""
+        if self.main:
+            print(*args, **kwargs)
+
+    def write(self, line: str) -> None:
+        """A line on rank 0 that does not break the progress bar."""
+        if self.main:
+            self.bar.write(line)
+
+    def _open_outputs(self) -> None:
+        cfg, t_cfg = self.cfg, self.cfg.train
+        self.bar = tqdm(total=t_cfg.steps, initial=self.start_step, disable=not (cfg.logger.progress and self.main),
+                        file=sys.stderr, dynamic_ncols=True, desc="train", unit="step")  # fmt: skip
+        self.loggers = Loggers(self.log_cfg, self.run_dir, cfg, write=self.bar.write)
+        par = self.par
+        n_params = sum(p.numel() for p in self.model.parameters())
+        exchange = f", tokens exchanged over {cfg.comm.backend}" if par.dims.ep_enabled else ""
+        engine_name = f"deepspeed (ZeRO {t_cfg.zero_stage})" if t_cfg.engine == "deepspeed" else "native"
+        self.say(
+            f"epmoe: {n_params / 1e6:.2f}M parameters on rank 0, {len(moe_layers(self.model))} MoE layers, "
+            f"device {self.device}, world {par.info.world} (ep {par.dims.ep}{exchange}), engine {engine_name}, "
+            f"data {self.data.description}; run dir {self.run_dir}",
+            file=sys.stderr,
+        )
+
+    # -- 2. resume -------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from train.resume, or (a torchrun restart) from the run's own newest checkpoint."""
+        par, resume = self.par, self.cfg.train.resume
+        restart = par.info.restart
+        if restart > 0 and checkpoint_files.complete_checkpoints(checkpoint_files.checkpoint_dir(self.run_dir)):
+            resume = str(self.run_dir)  # a restarted job continues from its own newest checkpoint, not train.resume's
+            if self.main:
+                print(f"restart {restart}: resuming from the newest complete checkpoint in {self.run_dir}",
+                      file=sys.stderr)  # fmt: skip
+        if not resume:
+            return
+        # rank 0 verifies the checksums and picks the checkpoint; every rank reads its experts
+        optimizer, scheduler = self.engine.portable()
+        resumed = checkpoint_state.restore(checkpoint_files.agree(Path(resume), self.main), self.model, optimizer,
+                                           scheduler, self.cfg, par.info.rank, par.dims, par.placement,
+                                           keep_saved_placement=par.rebalancer is not None)  # fmt: skip
+        self.engine.load_portable(optimizer, scheduler)
+        self.start_step = self.completed = resumed.step
+        if resumed.placement is not None:
+            par.apply_placement(self.model, resumed.placement)
+        if self.counts is not None and resumed.routing_window is not None and self.main:
+            self.counts.local = resumed.routing_window  # the window's global counts, once
+
+    def save_checkpoint(self, step: int) -> Path:
+        """A collective: every rank writes its shard."""
+        optimizer, scheduler = self.engine.portable()
+        return checkpoint_state.save(self.run_dir, step, model=self.model, optimizer=optimizer, scheduler=scheduler,
+                                     cfg=self.cfg, rank=self.par.info.rank, dims=self.par.dims,
+                                     placement=self.par.placement,
+                                     routing_window=self.counts.local if self.counts is not None else None,
+                                     keep=self.cfg.train.keep_checkpoints)  # fmt: skip
+
+    # -- 3. step and evaluate --------------------------------------------------------------------
+
+    def evaluate(self) -> float:
+        val_loss = evaluate(self.model, self.data, self.cfg, self.device, self.par)
+        for hook in self.hooks:
+            hook.after_evaluate(self)
+        return val_loss
+
+    def step(self, step: int, stop: StopRequest | None) -> None:
+        """Training step `step` (0-based) with everything around it: hooks, logging, evaluation,
+        checkpoint."""
+        t_cfg = self.cfg.train
+        t0 = time.perf_counter()
+        for hook in self.hooks:
+            hook.before_step(self, step)
+        try:
+            record = train_step(self.engine, self.data, self.cfg, self.device, step, par=self.par,
+                                on_routing=routing_callback(self.hooks, step), stop=stop)  # fmt: skip
+        except NonFiniteStep as e:  # train.on_nonfinite=abort: keep the last good state, then stop
+            path = self.save_checkpoint(self.completed) if self.completed > self.start_step else None
+            kept = f"; last good state (step {self.completed}) saved to {path}" if path else ""
+            raise TrainingAborted(f"{e}{kept}; lower train.lr, or train.on_nonfinite=skip") from None
+        for hook in self.hooks:
+            hook.after_step(self, step, record, time.perf_counter() - t0)
+        self.engine.schedule_step()
+        self.completed = step + 1
+        record["tokens_per_s"] = self.tokens_per_step / (time.perf_counter() - t0)
+        self.result.losses.append(record["loss"])
+        last = self.completed == t_cfg.steps
+        for hook in self.hooks:
+            hook.after_update(self, self.completed, record, last)
+        if t_cfg.eval_every and (self.completed % t_cfg.eval_every == 0 or last):
+            self.result.val_loss = self.evaluate()
+            record.update(val_loss=self.result.val_loss, val_bpb=self.result.val_loss / LN2)
+        self.loggers.log(record, console=self.completed % t_cfg.log_every == 0 or "val_loss" in record or last)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        self.bar.update(1)
+        if t_cfg.checkpoint_every and self.completed % t_cfg.checkpoint_every == 0 and not last:
+            self.save_checkpoint(self.completed)
+
+    # -- 4. finish -------------------------------------------------------------------------------
+
+    def finish(self) -> TrainResult:
+        cfg, result = self.cfg, self.result
+        self.bar.close()
+        if result.val_loss is None:  # eval_every=0 (or nothing left to run): validate once at the end
+            result.val_loss = self.evaluate()
+        result.checkpoint = self.save_checkpoint(cfg.train.steps)
+        timing = run_summary(self.loggers.history)
+        if timing:
+            self.say(
+                "exchange per MoE layer, mean ms/step: in flight {mean_exchange_ms}, exposed {mean_exposed_ms}, "
+                "expert compute {mean_expert_ms}; hidden fraction {hidden_frac}".format(**timing)
+            )
+        self.loggers.summary({"val_loss": result.val_loss, "val_bpb": result.val_bpb, "steps": cfg.train.steps,
+                              **timing})  # fmt: skip
+        self.say(f"done: held-out {result.val_bpb:.4f} bits/token (cross-entropy {result.val_loss:.4f} nats)")
+        if cfg.train.sample_bytes and cfg.data.kind != "bin":
+            self.say("sample:\n" + self.sample_text())  # every rank samples: the EP exchange needs them all
+        if self.log_cfg.plots:
+            self.say(f"plot: {plot_run(self.loggers.history, self.run_dir / 'training.png')}")
+        if (trace_path := self.trace.save(self.run_dir)) is not None:
+            self.say(f"routing trace ({len(self.trace.steps)} samples): {trace_path}")
+        if self.log_cfg.jsonl:
+            self.say(f"metrics: {self.run_dir / 'metrics.jsonl'}")
+        if self.loggers.wandb_dir is not None:
+            self.say(f"wandb ({cfg.logger.wandb_mode}): {self.loggers.wandb_dir}")
+        return result
+
+    def sample_text(self) -> str:
+        """Continue the first line of a held-out window; bytes decoded leniently."""
+        cfg, device = self.cfg, self.device
+        prompt_S = self.data.val[: min(64, cfg.data.seq_len)].long().to(device)
+        g = torch.Generator(device=device).manual_seed(cfg.train.seed)
+        self.model.eval()
+        with autocast(device, cfg.train.precision):
+            tokens = self.model.generate(prompt_S, cfg.train.sample_bytes, generator=g)
+        self.model.train()
+        return bytes(tokens.clamp(0, 255).tolist()).decode("utf-8", errors="replace")
+
+    def run(self) -> TrainResult:
+        """2-4: resume, every step left, finish."""
+        self.resume()
+        self._open_outputs()
+        steps = self.cfg.train.steps
+        stop = StopRequest() if self.par.info.world > 1 else None  # Ctrl-C: every rank stops after the same step
+        stopped_at_step_end = False  # an interrupt between steps: every rank can join the checkpoint
+        try:
+            for step in range(self.start_step, steps):
+                self.step(step, stop)
+                if stop is not None and stop.agreed and self.completed < steps:
+                    stopped_at_step_end = True
+                    raise KeyboardInterrupt
+            return self.finish()
+        except KeyboardInterrupt:
+            self.bar.close()
+            self.trace.save(self.run_dir)
+            in_step = stop is not None and not stopped_at_step_end  # ranks may be mid-collective: no save
+            if self.start_step < self.completed < steps and not in_step:  # resume with train.resume=<run dir>
+                saved = self.save_checkpoint(self.completed)
+                self.say(f"interrupted: saved {saved}", file=sys.stderr)
+            raise
+        finally:
+            self.bar.close()
+            self.loggers.close()
+            if stop is not None:
+                stop.close()
+
+
+def train(cfg: Config, run_dir: Path) -> TrainResult:
+    """Run the configured training to the end; see the module docstring."""
+    return Trainer(cfg, run_dir).run()

@@ -1,0 +1,165 @@
+"""The layering of ../shared/DESIGN.md, enforced on every module's imports (read from the AST).
+
+Layers, top first; a module imports only its own layer and the ones above it:
+    epmoe.config, epmoe.host_memory     (leaf modules)
+    epmoe.model                         single-device math
+    epmoe.placement                     pure policies
+    epmoe.comm                          the communication leaf (comm/)
+    epmoe.parallel                      composition: parallelize
+    epmoe.hf, epmoe.data                interop, corpora (as they land)
+    epmoe.train                         the trainer
+    epmoe.launch                        the launcher CLI (launch/)
+and on top of that order: comm imports nothing from placement; placement nothing from model;
+only comm/ imports torch.distributed or mpi4py (parallel/ may use FSDP2, DTensor and
+distributed checkpoint); no two modules import each other, directly or through others.
+Imports under `if TYPE_CHECKING:` never run, so they count for the layers but not for cycles.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# installed package -> source folder (setup.py's package_dir)
+SOURCES = {"epmoe": REPO / "epmoe", "epmoe.comm": REPO / "comm", "epmoe.launch": REPO / "launch"}
+LAYERS = [
+    ("epmoe.config", "epmoe.host_memory"),
+    ("epmoe.model",),
+    ("epmoe.placement",),
+    ("epmoe.comm",),
+    ("epmoe.parallel",),
+    ("epmoe.hf", "epmoe.data"),
+    ("epmoe.train",),
+    ("epmoe.launch",),
+]
+FORBIDDEN = {  # beyond the layer order: (importer, imported) packages
+    ("epmoe.comm", "epmoe.placement"),
+    ("epmoe.placement", "epmoe.model"),
+}
+DISTRIBUTED = ("torch.distributed", "mpi4py")
+PARALLEL_MAY_USE = ("torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint")
+
+
+def module_files() -> dict[str, Path]:
+    """{dotted module name: file} of every module the package installs."""
+    out = {}
+    for package, root in SOURCES.items():
+        for path in root.rglob("*.py"):
+            rel = path.relative_to(root).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([package, *parts])
+            if package == "epmoe" and parts and parts[0] in ("comm", "launch"):
+                continue  # not part of epmoe/ (the folders are comm/ and launch/)
+            out[name] = path
+    return out
+
+
+def imports_of(name: str, path: Path) -> list[tuple[str, bool]]:
+    """(imported module, under TYPE_CHECKING) for every import statement of one file, relative ones resolved."""
+    tree = ast.parse(path.read_text(), str(path))
+    type_checking: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            type_checking.update(id(n) for child in node.body for n in ast.walk(child))
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, id(node) in type_checking) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            for alias in node.names:  # `from epmoe.model import moe` imports the module epmoe.model.moe
+                sub = f"{base}.{alias.name}"
+                out.append((sub if sub in MODULES else base, id(node) in type_checking))
+    return out
+
+
+MODULES = module_files()
+
+
+def layer_of(module: str) -> tuple[int, str] | None:
+    """(layer index, the layer's package) of an epmoe module, None for another library."""
+    for i, packages in enumerate(LAYERS):
+        for package in packages:
+            if module == package or module.startswith(package + "."):
+                return i, package
+    return None
+
+
+def violations(graph: dict[str, list[tuple[str, bool]]]) -> list[str]:
+    found = []
+    for importer, imported_list in graph.items():
+        mine = layer_of(importer)
+        for imported, _ in imported_list:
+            if imported.startswith(DISTRIBUTED) and mine is not None and mine[1] != "epmoe.comm":
+                if not (mine[1] == "epmoe.parallel" and imported.startswith(PARALLEL_MAY_USE)):
+                    found.append(f"{importer} imports {imported}: only epmoe.comm talks to the process group")
+            theirs = layer_of(imported)
+            if mine is None or theirs is None or theirs[1] == mine[1]:
+                continue
+            if theirs[0] > mine[0]:
+                found.append(f"{importer} imports {imported}: {theirs[1]} is below {mine[1]}")
+            elif (mine[1], theirs[1]) in FORBIDDEN:
+                found.append(f"{importer} imports {imported}: {mine[1]} may not import {theirs[1]}")
+    return found
+
+
+def cycles(graph: dict[str, list[tuple[str, bool]]]) -> list[list[str]]:
+    """Every import cycle between modules (run-time imports only), each as a path."""
+    edges = {m: sorted({i for i, tc in imps if i in graph and not tc and i != m}) for m, imps in graph.items()}
+    found, state = [], {}  # state: 1 on the stack, 2 done
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in edges[m]:
+            if state.get(n) == 1:
+                found.append([*stack[stack.index(n) :], n])
+            elif n not in state:
+                visit(n, [*stack, n])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    return found
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, list[tuple[str, bool]]]:
+    return {name: imports_of(name, path) for name, path in modules.items()}
+
+
+def test_every_module_keeps_to_its_layer() -> None:
+    graph = import_graph(MODULES)
+    assert len(graph) > 40 and "epmoe.comm.dispatch" in graph and "epmoe.parallel.parallelize" in graph
+    assert violations(graph) == []
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    assert cycles(import_graph(MODULES)) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "added", "message"),
+    [
+        ("epmoe.comm.dispatch", "epmoe.placement.placement", "epmoe.comm may not import epmoe.placement"),
+        ("epmoe.model.moe", "epmoe.parallel.expert_parallel", "epmoe.parallel is below epmoe.model"),
+        ("epmoe.model.router", "torch.distributed", "only epmoe.comm talks to the process group"),
+        ("epmoe.placement.policies", "epmoe.train.trainer", "epmoe.train is below epmoe.placement"),
+    ],
+)
+def test_a_forbidden_import_is_caught(module: str, added: str, message: str) -> None:
+    graph = import_graph(MODULES)
+    graph[module] = [*graph[module], (added, False)]
+    assert [v for v in violations(graph) if v.startswith(module)] == [f"{module} imports {added}: {message}"]
+
+
+def test_a_cycle_is_caught() -> None:
+    graph = import_graph(MODULES)
+    graph["epmoe.model.permute"] = [*graph["epmoe.model.permute"], ("epmoe.model.moe", False)]
+    assert any(c[0] == c[-1] and "epmoe.model.permute" in c for c in cycles(graph))
