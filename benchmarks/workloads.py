@@ -61,7 +61,12 @@ def build_moe(wl: Workload, impl: str) -> MoE:
         expert_impl=impl,
     )
     router_cfg = RouterConfig(
-        top_k=wl.top_k, score_func="softmax", aux_loss="batch", aux_loss_coef=0.01, capacity_factor=None
+        top_k=wl.top_k,
+        score_func="softmax",
+        aux_loss="batch",
+        aux_loss_coef=0.01,
+        z_loss_coef=0.0,
+        capacity_factor=None,
     )
     return MoE(model_cfg, router_cfg).train()
 

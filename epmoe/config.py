@@ -1,8 +1,15 @@
-"""Typed config schemas for every Hydra group, and their semantic validation.
+"""Typed config schemas for every Hydra group, their defaults, and their semantic validation.
 
 Hydra stays at the edges (`epmoe/train/__main__.py`, later `launch/`): it composes YAML from
-`conf/` onto these dataclasses (unknown keys and wrong types fail there), converts the result
-to a plain `Config`, and everything inside the library receives dataclasses only.
+`conf/` onto these dataclasses (unknown keys, `+key=...` ones too, and wrong types fail there:
+`epmoe/train/cli.py`), converts the result to a plain `Config`, and everything inside the
+library receives dataclasses only.
+
+The defaults written here are the defaults: `Config()` is the run that `conf/config.yaml`
+composes, and every YAML under `conf/` lists only the values it changes. A field with a fixed
+set of values is a `Choice` (a str-valued Enum, in `epmoe/choices.py`): the names live once, in
+the Enum, and the registries keyed on them (`epmoe.placement.policies.PLACEMENTS`) are checked
+against it.
 
 `validate(cfg)` checks what types cannot (ranges, divisibility, mutually exclusive options)
 and raises `ConfigError` with a one-line message that names the value and what would work.
@@ -10,11 +17,33 @@ and raises `ConfigError` with a one-line message that names the value and what w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
+
+from epmoe.choices import (  # noqa: F401  (re-exported: the config's field types)
+    Activation,
+    AuxLoss,
+    Choice,
+    CommBackend,
+    DataKind,
+    Device,
+    DispatcherName,
+    DropPolicy,
+    EngineName,
+    ExpertImpl,
+    LauncherName,
+    OnNonfinite,
+    PlacementName,
+    Precision,
+    ScoreFunc,
+    WandbMode,
+    WireDtype,
+)
 
 
 class ConfigError(ValueError):
@@ -23,6 +52,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """Defaults: moe_small, a small fine-grained MoE LM (top-2 of 8 experts + 1 shared) that
+    trains on a 2-core CPU in a few minutes."""
+
     vocab_size: int = 256
     d_model: int = 256
     n_layers: int = 4
@@ -34,13 +66,13 @@ class ModelConfig:
     # (i - first_dense_layers) % moe_every == 0; every other layer is a dense FFN.
     num_experts: int = 8
     moe_every: int = 1
-    first_dense_layers: int = 0
-    dense_hidden: int = 1024  # hidden size of dense FFN layers
+    first_dense_layers: int = 1
+    dense_hidden: int = 768  # hidden size of dense FFN layers
     expert_hidden: int = 256  # per-expert hidden size, independent of d_model (fine-grained)
-    activation: str = "swiglu"  # swiglu | gelu
-    n_shared_experts: int = 0
+    activation: Activation = Activation.swiglu
+    n_shared_experts: int = 1
     shared_hidden: int = 256  # hidden size of each shared expert
-    expert_impl: str = "auto"  # auto | grouped | loop | fused  (loop = the kept reference path)
+    expert_impl: ExpertImpl = ExpertImpl.auto
     # BigMac-style low-dimensional exchange: project D -> exchange_dim before dispatch and back
     # after combine, so the all-to-all and the routed experts run at that width. 0 = off
     exchange_dim: int = 0
@@ -49,23 +81,25 @@ class ModelConfig:
 
 @dataclass
 class RouterConfig:
+    """Defaults: router=topk, softmax top-2 with renormalised weights and the batch-level balance loss."""
+
     top_k: int = 2
-    score_func: str = "softmax"  # softmax | sigmoid
+    score_func: ScoreFunc = ScoreFunc.softmax
     renormalize: bool = True  # renormalise the top-k weights to sum to 1
     routed_scaling: float = 1.0  # DeepSeek-V3's routed scaling factor on the routed output
     n_groups: int = 1  # group-limited routing: experts split into n_groups groups ...
     topk_groups: int = 1  # ... of which each token may use topk_groups
-    aux_loss: str = "batch"  # none | batch (Switch/GShard) | sequence (DeepSeek-V3)
+    aux_loss: AuxLoss = AuxLoss.batch
     aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
+    z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 = off
     capacity_factor: float | None = None  # None = dropless
-    drop_policy: str = "position"  # position | probability
+    drop_policy: DropPolicy = DropPolicy.position
 
 
 @dataclass
 class DataConfig:
-    kind: str = "stdlib"  # stdlib | text | jsonl | bin
+    kind: DataKind = DataKind.stdlib
     path: str | None = None  # file or folder for text, a file for jsonl and bin
     seq_len: int = 256
     val_fraction: float = 0.05
@@ -92,7 +126,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
-    precision: str = "bf16"  # fp32 | bf16 (autocast)
+    precision: Precision = Precision.bf16
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
@@ -102,15 +136,15 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint directory (checkpoints/step_<N>), or a run directory holding them
     sample_bytes: int = 200  # length of the generated text sample at the end; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = torch's default
-    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda
+    device: Device = Device.auto
     # how long a collective waits for the other ranks before the job ends with an error (a dead or hung peer)
     collective_timeout_s: float = 600.0
     # a non-finite loss or gradient norm: skip the step (counted) or abort with a checkpoint of the
     # last good state
-    on_nonfinite: str = "abort"
+    on_nonfinite: OnNonfinite = OnNonfinite.abort
     # native (our gradient reduction and clipping, torch AdamW) | deepspeed (deepspeed.initialize,
     # ZeRO stage zero_stage, MoE parameter groups); checkpoints are the same for both
-    engine: str = "native"
+    engine: EngineName = EngineName.native
     zero_stage: int = 0  # 0 | 1 | 2, with engine=deepspeed
     fault: FaultConfig = field(default_factory=FaultConfig)
 
@@ -122,7 +156,7 @@ class LoggerConfig:
     jsonl: bool = True
     plots: bool = True
     wandb: bool = False
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: WandbMode = WandbMode.offline
     wandb_project: str = "epmoe"
     wandb_entity: str | None = None
     # every N steps, keep the first `routing_trace_tokens` tokens' expert choices of every MoE
@@ -143,7 +177,7 @@ class ParallelConfig:
 class PlacementConfig:
     # contiguous | round_robin (static) | balanced | affinity | redundant (follow the routing load:
     # they take over at the first re-placement, every `rebalance_every` steps)
-    policy: str = "contiguous"
+    policy: PlacementName = PlacementName.contiguous
     rebalance_every: int = 0  # 0 = never move experts
     # expert slots per rank: 0 = num_experts / ep; redundant needs more: the spare slots hold
     # replicas of the hottest experts (DeepSeek EPLB-style)
@@ -152,21 +186,22 @@ class PlacementConfig:
 
 @dataclass
 class CommConfig:
-    backend: str = "torch"  # torch (nccl / gloo process groups) | mpi (mpi4py, CPU tensors)
+    backend: CommBackend = CommBackend.torch  # torch (nccl / gloo process groups) | mpi (mpi4py, CPU tensors)
     # under expert parallelism: alltoall (exchange everything, then compute) | pipelined (local
     # rows first, `chunks` pieces whose exchange overlaps the experts' compute)
-    dispatcher: str = "alltoall"
-    # N pieces, or auto: time 1, 2 and 4 chunks in the first 9 steps and keep the fastest
-    chunks: str = "2"
-    dtype: str = "fp32"  # fp32 | bf16: the rows' dtype on the wire (experts still compute in theirs)
+    dispatcher: DispatcherName = DispatcherName.alltoall
+    # N pieces (an int), or the string "auto": time 1, 2 and 4 chunks in the first 9 steps and keep
+    # the fastest. Readers: `chunks == "auto"`, else `int(chunks)`
+    chunks: int | str = 2
+    dtype: WireDtype = WireDtype.fp32  # the rows' dtype on the wire (experts still compute in theirs)
 
 
 @dataclass
 class LauncherConfig:
     """How `python -m epmoe.launch` starts the ranks (`python -m epmoe.train` ignores it)."""
 
-    name: str = "local"  # local (one process) | torchrun | deepspeed | mpirun | slurm
-    nproc_per_node: int = 2
+    name: LauncherName = LauncherName.local  # local: one process, in place
+    nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None  # torchrun, nnodes > 1: host:port of the c10d rendezvous
@@ -203,9 +238,40 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
-def _choice(name: str, value: str | int, allowed: tuple[str | int, ...]) -> None:
+def bad_choice(name: str, value: object, allowed: typing.Iterable[object]) -> ConfigError:
+    """The one-line error for a value outside a field's choices (the CLI's too, for OmegaConf's rejections)."""
+    return ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _choice(name: str, value: object, allowed: tuple[object, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+        raise bad_choice(name, value, allowed)
+
+
+def field_types(schema: type) -> dict[str, typing.Any]:
+    """{field name: resolved type} of a config dataclass (its annotations are strings here)."""
+    return typing.get_type_hints(schema)
+
+
+def choice_type(key: str) -> type[Choice] | None:
+    """The Choice of the dotted config key `key` ("comm.dispatcher"), None if it has none."""
+    schema: typing.Any = Config
+    for part in key.split("."):
+        if not (dataclasses.is_dataclass(schema) and part in field_types(schema)):
+            return None
+        schema = field_types(schema)[part]
+    return schema if isinstance(schema, type) and issubclass(schema, Choice) else None
+
+
+def _check_choices(node: object, prefix: str) -> None:
+    """Every Choice field holds one of its values: OmegaConf enforces that on composed configs,
+    this on dataclasses built in Python (which may hold plain strings)."""
+    for name, kind in field_types(type(node)).items():
+        value = getattr(node, name)
+        if dataclasses.is_dataclass(kind):
+            _check_choices(value, f"{prefix}{name}.")
+        elif isinstance(kind, type) and issubclass(kind, Choice):
+            _choice(f"{prefix}{name}", value, tuple(c.value for c in kind))
 
 
 def _positive(name: str, value: float) -> None:
@@ -258,8 +324,6 @@ def _validate_model(m: ModelConfig, r: RouterConfig) -> None:
     _positive("model.dense_hidden", m.dense_hidden)
     _positive("model.expert_hidden", m.expert_hidden)
     _positive("model.shared_hidden", m.shared_hidden)
-    _choice("model.activation", m.activation, ("swiglu", "gelu"))
-    _choice("model.expert_impl", m.expert_impl, ("auto", "grouped", "loop", "fused"))
 
     if m.num_experts > 0:
         if not 1 <= r.top_k <= m.num_experts:
@@ -277,9 +341,6 @@ def _validate_model(m: ModelConfig, r: RouterConfig) -> None:
                 f"router.topk_groups ({r.topk_groups}) groups of {m.num_experts // r.n_groups} experts "
                 f"hold fewer than router.top_k ({r.top_k}) experts; raise topk_groups"
             )
-    _choice("router.score_func", r.score_func, ("softmax", "sigmoid"))
-    _choice("router.aux_loss", r.aux_loss, ("none", "batch", "sequence"))
-    _choice("router.drop_policy", r.drop_policy, ("position", "probability"))
     _at_least_zero("router.aux_loss_coef", r.aux_loss_coef)
     _at_least_zero("router.z_loss_coef", r.z_loss_coef)
     _fraction("router.bias_update_rate", r.bias_update_rate, "[0, 1]")
@@ -289,7 +350,6 @@ def _validate_model(m: ModelConfig, r: RouterConfig) -> None:
 
 
 def _validate_data(d: DataConfig, m: ModelConfig) -> None:
-    _choice("data.kind", d.kind, ("stdlib", "text", "jsonl", "bin"))
     if d.kind != "stdlib" and not d.path:
         raise ConfigError(f"data.kind={d.kind} needs data.path (a file or folder)")
     if d.kind == "stdlib" and d.path:
@@ -323,11 +383,7 @@ def _validate_train(t: TrainConfig) -> None:
         raise ConfigError(f"train.grad_clip ({t.grad_clip}) must be a finite number >= 0 (0 = off)")
     if not 0 <= t.seed < 2**63:
         raise ConfigError(f"train.seed ({t.seed}) must be in [0, 2**63)")
-    _choice("train.precision", t.precision, ("fp32", "bf16"))
-    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _positive("train.collective_timeout_s", t.collective_timeout_s)
-    _choice("train.on_nonfinite", t.on_nonfinite, ("skip", "abort"))
-    _choice("train.engine", t.engine, ("native", "deepspeed"))
     _choice("train.zero_stage", t.zero_stage, (0, 1, 2))
     if t.zero_stage and t.engine != "deepspeed":
         raise ConfigError(f"train.zero_stage ({t.zero_stage}) needs train.engine=deepspeed (native has no ZeRO)")
@@ -339,7 +395,6 @@ def _validate_train(t: TrainConfig) -> None:
 
 
 def _validate_logger(lg: LoggerConfig) -> None:
-    _choice("logger.wandb_mode", lg.wandb_mode, ("offline", "online", "disabled"))
     if lg.wandb and not lg.wandb_project.strip():
         raise ConfigError("logger.wandb_project is empty; name a project (default: epmoe)")
     if lg.wandb_entity is not None and not lg.wandb_entity.strip():
@@ -349,7 +404,6 @@ def _validate_logger(lg: LoggerConfig) -> None:
 
 
 def _validate_launcher(lc: LauncherConfig) -> None:
-    _choice("launcher.name", lc.name, ("local", "torchrun", "deepspeed", "mpirun", "slurm"))
     for name in ("nproc_per_node", "nnodes"):
         _positive(f"launcher.{name}", getattr(lc, name))
     if not 0 <= lc.node_rank < lc.nnodes:
@@ -390,6 +444,7 @@ def _validate_launcher(lc: LauncherConfig) -> None:
 
 def validate(cfg: Config) -> Config:
     """Raise ConfigError on the first value that cannot work; return cfg unchanged otherwise."""
+    _check_choices(cfg, "")
     m = cfg.model
     _validate_model(m, cfg.router)
     _validate_data(cfg.data, m)
@@ -404,7 +459,6 @@ def validate(cfg: Config) -> Config:
     lc = cfg.launcher
     _validate_launcher(lc)
     pc = cfg.placement
-    _choice("placement.policy", pc.policy, ("contiguous", "round_robin", "balanced", "affinity", "redundant"))
     _at_least_zero("placement.rebalance_every", pc.rebalance_every, "0 = never")
     per_rank = m.num_experts // p.ep
     if pc.policy == "redundant" and not per_rank < pc.slots_per_rank <= m.num_experts:
@@ -432,13 +486,11 @@ def validate(cfg: Config) -> Config:
             f"placement.rebalance_every ({pc.rebalance_every}) moves experts with their AdamW state, which "
             "DeepSpeed's ZeRO partitions: use train.engine=native for placement that follows the load"
         )
-    _choice("comm.backend", cfg.comm.backend, ("torch", "mpi"))
-    _choice("comm.dispatcher", cfg.comm.dispatcher, ("alltoall", "pipelined"))
-    if cfg.comm.chunks != "auto" and not (cfg.comm.chunks.isdigit() and int(cfg.comm.chunks) >= 1):
-        raise ConfigError(f"comm.chunks ({cfg.comm.chunks}) must be a positive integer or auto")
+    chunks = cfg.comm.chunks
+    if chunks != "auto" and not (isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1):
+        raise ConfigError(f"comm.chunks ({chunks!r}) must be a positive integer or auto")
     if cfg.comm.chunks == "auto" and cfg.comm.dispatcher != "pipelined":
         raise ConfigError("comm.chunks=auto tunes the pipelined dispatcher: add comm.dispatcher=pipelined")
-    _choice("comm.dtype", cfg.comm.dtype, ("fp32", "bf16"))
     if cfg.comm.backend == "mpi" and lc.name not in ("local", "mpirun"):
         raise ConfigError(f"comm.backend=mpi needs ranks started by MPI: use launcher=mpirun, not launcher={lc.name}")
     if cfg.comm.backend == "mpi" and cfg.train.device == "cuda":

@@ -1,5 +1,5 @@
 """epmoe.launch: the launcher CLI that starts ranks (torchrun, DeepSpeed, mpirun, Slurm).
 
-Installed as `epmoe.launch` (setup.py's package_dir), never as a top-level `launch`. Empty
-until expert parallelism lands; today `python -m epmoe.train` runs one process.
+Installed as `epmoe.launch` (setup.py's package_dir), never as a top-level `launch`:
+`python -m epmoe.launch <hydra overrides>` validates the config once, then starts the ranks.
 """

@@ -1,14 +1,31 @@
-"""Config composition and validation: every group composes, bad input fails with one line."""
+"""Config composition and validation: every group composes, bad input fails with one line,
+the dataclass defaults are the defaults, and no YAML restates one."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from epmoe.config import Config, ConfigError
+from epmoe.config import (
+    Choice,
+    CommConfig,
+    Config,
+    ConfigError,
+    DispatcherName,
+    ModelConfig,
+    PlacementName,
+    choice_type,
+    field_types,
+    validate,
+)
+from epmoe.placement.policies import PLACEMENTS
 from epmoe.train.cli import load_config
+
+from .conftest import run_cli
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NEEDS_PATH = {"text", "jsonl", "bin"}
@@ -110,3 +127,196 @@ def test_make_train_experiment_is_two_ranks_with_ep2_and_the_same_global_batch()
     assert (cfg.launcher.name, cfg.launcher.nproc_per_node, cfg.parallel.ep) == ("torchrun", 2, 2)
     assert cfg.train.batch_size * cfg.launcher.nproc_per_node == load_config().train.batch_size
     assert cfg.logger.wandb and cfg.logger.wandb_mode == "offline"
+
+
+# --- one source of defaults -----------------------------------------------------------------------
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_the_dataclass_defaults_are_the_default_composition() -> None:
+    assert dataclasses.asdict(Config()) == dataclasses.asdict(load_config())
+
+
+def _restated_defaults(path: Path) -> list[str]:
+    """The keys of `path` whose value equals the one they would have without it."""
+    written = OmegaConf.to_container(OmegaConf.load(path))
+    written = {k: v for k, v in written.items() if k not in ("defaults", "hydra")}
+    if path.parent.name == "experiment":  # keys across groups, relative to the composed base
+        schema, base = Config, load_config()
+    else:
+        schema = field_types(Config)[path.parent.name]
+        base = schema()
+    # merged onto the schema, values take the field's type (600 -> 600.0, "mpi" -> CommBackend.mpi)
+    merged = _flat(OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), written)))
+    defaults = _flat(dataclasses.asdict(base))
+    # "???" (left for the user) never merges over a value: it is no default, whatever the field holds
+    return [key for key, value in _flat(written).items() if value != "???" and merged[key] == defaults[key]]
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_yaml_restates_a_default(path: Path) -> None:
+    assert _restated_defaults(path) == [], f"{path.parent.name}/{path.name} restates the defaults of these keys"
+
+
+def test_the_restated_default_check_catches_one(tmp_path: Path) -> None:
+    (tmp_path / "comm").mkdir()
+    (tmp_path / "comm" / "x.yaml").write_text("backend: mpi\ndispatcher: alltoall\nchunks: 2\n")
+    assert _restated_defaults(tmp_path / "comm" / "x.yaml") == ["dispatcher", "chunks"]
+
+
+def test_options_that_change_nothing_are_empty_and_the_default_ones() -> None:
+    empty = sorted(f"{p.parent.name}/{p.stem}" for p in CONF.glob("*/*.yaml") if not OmegaConf.load(p))
+    assert empty == [
+        "comm/torch", "data/stdlib", "launcher/local", "logger/default", "model/moe_small", "parallel/single",
+        "placement/contiguous", "router/topk", "train/default",
+    ]  # fmt: skip
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))["defaults"]
+    chosen = [f"{g}/{o}" for d in defaults if isinstance(d, dict) for g, o in d.items() if o is not None]
+    assert sorted(chosen) == empty  # the default composition is all defaults (`optional experiment: null` aside)
+
+
+# --- choice fields are Enums --------------------------------------------------------------------
+
+
+def _choice_fields(schema: type = Config, prefix: str = "") -> dict[str, type[Choice]]:
+    out = {}
+    for name, kind in field_types(schema).items():
+        if dataclasses.is_dataclass(kind):
+            out.update(_choice_fields(kind, f"{prefix}{name}."))
+        elif isinstance(kind, type) and issubclass(kind, Choice):
+            out[f"{prefix}{name}"] = kind
+    return out
+
+
+CHOICES = {
+    "model.activation": "swiglu, gelu",
+    "model.expert_impl": "auto, grouped, loop, fused",
+    "router.score_func": "softmax, sigmoid",
+    "router.aux_loss": "none, batch, sequence",
+    "router.drop_policy": "position, probability",
+    "data.kind": "stdlib, text, jsonl, bin",
+    "train.precision": "fp32, bf16",
+    "train.device": "auto, cpu, cuda",
+    "train.on_nonfinite": "skip, abort",
+    "train.engine": "native, deepspeed",
+    "logger.wandb_mode": "offline, online, disabled",
+    "placement.policy": "contiguous, round_robin, balanced, affinity, redundant",
+    "comm.backend": "torch, mpi",
+    "comm.dispatcher": "alltoall, pipelined",
+    "comm.dtype": "fp32, bf16",
+    "launcher.name": "local, torchrun, deepspeed, mpirun, slurm",
+}
+
+
+def test_every_choice_field_is_an_enum_of_its_values() -> None:
+    fields = _choice_fields()
+    assert {key: ", ".join(c.value for c in kind) for key, kind in fields.items()} == CHOICES
+    assert all(choice_type(key) is kind for key, kind in fields.items())
+    for kind in set(fields.values()):  # OmegaConf reads a string by member name
+        assert [c.name for c in kind] == [c.value for c in kind]
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_a_choice_outside_the_enum_is_one_line_listing_the_choices(key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config([f"{key}=nonsense"])
+    assert str(info.value) == f"{key}='nonsense' is not one of {CHOICES[key]}"
+
+
+def test_a_dataclass_built_in_python_gets_the_same_choice_error() -> None:
+    with pytest.raises(ConfigError, match=r"^model.activation='relu' is not one of swiglu, gelu$"):
+        validate(Config(model=ModelConfig(activation="relu")))
+    assert validate(Config(model=ModelConfig(activation="gelu"))).model.activation == "gelu"  # plain strings work
+
+
+def test_choice_values_are_their_strings() -> None:
+    cfg = load_config(["comm.dispatcher=pipelined"])
+    assert cfg.comm.dispatcher is DispatcherName.pipelined
+    assert cfg.comm.dispatcher == "pipelined" and cfg.comm.dispatcher != "alltoall"
+    assert (f"{cfg.comm.dispatcher}", str(cfg.comm.dispatcher), f"{cfg.comm.dispatcher:>10}") == (
+        "pipelined", "pipelined", " pipelined")  # fmt: skip
+    assert {"pipelined": 1}[cfg.comm.dispatcher] == 1
+    assert json.loads(json.dumps(dataclasses.asdict(cfg)))["comm"]["dispatcher"] == "pipelined"
+
+
+def test_the_placement_registry_is_keyed_by_the_enum() -> None:
+    assert set(PLACEMENTS) == set(PlacementName)
+    assert PLACEMENTS["balanced"] is PLACEMENTS[PlacementName.balanced]
+
+
+# --- comm.chunks: an int or auto ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [("4", 4), ("1", 1), ("auto", "auto")])
+def test_comm_chunks_is_a_positive_int_or_auto(value: str, expected: int | str) -> None:
+    chunks = load_config(["comm.dispatcher=pipelined", f"comm.chunks={value}"]).comm.chunks
+    assert chunks == expected and type(chunks) is type(expected)
+    assert load_config().comm.chunks == 2 == CommConfig().chunks
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0", "comm.chunks (0) must be a positive integer or auto"),
+        ("-1", "comm.chunks (-1) must be a positive integer or auto"),
+        ("x", "comm.chunks ('x') must be a positive integer or auto"),
+        ("'4'", "comm.chunks ('4') must be a positive integer or auto"),  # a quoted string is not an int
+        ("1.5", "Error merging override comm.chunks=1.5: Value '1.5' of type 'float' is incompatible"),
+        ("true", "Error merging override comm.chunks=true: Value 'True' of type 'bool' is incompatible"),
+    ],
+)
+def test_comm_chunks_refuses_anything_else_naming_the_value(value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(["comm.dispatcher=pipelined", f"comm.chunks={value}"])
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+# --- unknown keys, also through + and ++ --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("+train.foo=1", "unknown config key train.foo: not a field of train (TrainConfig); its keys: steps, "),
+        ("++train.foo=1", "unknown config key train.foo: not a field of train (TrainConfig); its keys: steps, "),
+        ("+train.stesp=1", "unknown config key train.stesp: not a field of train (TrainConfig); did you mean "
+                           "train.steps?"),
+        ("+train.fault.x=1", "unknown config key train.fault.x: not a field of train.fault (FaultConfig); its keys: "
+                             "kill_rank, at_step, nan_at_step"),
+        ("+foo=1", "unknown config key foo: not a field of the config; its keys: model, router, data, train, logger, "
+                   "parallel, placement, comm, launcher"),
+        ("++foo=1", "unknown config key foo: not a field of the config; its keys: model, "),
+        ("train.foo=1", "Could not override 'train.foo': Key 'foo' not in 'TrainConfig'"),
+        # + on a key that exists is Hydra's error, with its fix
+        ("+train.steps=5", "Could not append to config. An item is already at 'train.steps' (Either remove + prefix: "
+                           "'train.steps=5'; Or add a second + to add or override 'train.steps': '++train.steps=5')"),
+    ],
+)  # fmt: skip
+def test_an_unknown_key_is_refused_also_through_plus(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config([override])
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_plus_plus_overrides_a_key_that_exists_and_plus_sets_an_unset_one() -> None:
+    assert load_config(["++train.steps=5"]).train.steps == 5  # Hydra: ++ adds or overrides
+    assert load_config(["+train.resume=/runs/a"]).train.resume == "/runs/a"  # null counts as absent for +
+    with pytest.raises(ConfigError, match=r"^comm.dispatcher='tutel' is not one of alltoall, pipelined$"):
+        load_config(["++comm.dispatcher=tutel"])  # ++ still type-checks
+
+
+def test_the_command_line_refuses_an_unknown_key_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = run_cli("+train.foo=1", f"hydra.run.dir={tmp_path}/run", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("error: unknown config key train.foo: not a field of train (TrainConfig)")
+    assert not (tmp_path / "run").exists()

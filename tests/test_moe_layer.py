@@ -199,7 +199,9 @@ def test_loop_experts_compute_the_per_expert_ffn_by_hand():
 def test_one_expert_top1_moe_equals_dense_mlp(activation, impl, score_func):
     torch.manual_seed(0)
     D, H = 16, 32
-    cfg = ModelConfig(d_model=D, num_experts=1, expert_hidden=H, activation=activation, expert_impl=impl)
+    cfg = ModelConfig(
+        d_model=D, num_experts=1, expert_hidden=H, activation=activation, expert_impl=impl, n_shared_experts=0
+    )
     moe = MoE(cfg, RouterConfig(top_k=1, score_func=score_func, renormalize=True, aux_loss="none"))
     mlp = MLP(D, H, activation)
     with torch.no_grad():  # GroupedExperts stores (E, D, F) / (E, F, D); nn.Linear stores (out, in)

@@ -73,7 +73,7 @@ def test_chunk_tuner_tries_each_candidate_then_keeps_the_fastest() -> None:
     class TwoRanks:
         size, rank = 2, 0
 
-    moe = MoE(ModelConfig(d_model=8, num_experts=4, expert_hidden=4), RouterConfig(top_k=1))
+    moe = MoE(ModelConfig(d_model=8, num_experts=4, expert_hidden=4, n_shared_experts=0), RouterConfig(top_k=1))
     moe.dispatcher = PipelinedDispatcher(torch.arange(4), TwoRanks(), chunks=1)
     tuner = ChunkTuner([moe.dispatcher], candidates=(1, 2, 4), trials=2)
     # per step: (chunks the tuner sets, seconds the step took); warm-up steps are not counted

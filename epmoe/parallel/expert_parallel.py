@@ -35,13 +35,18 @@ def static_placement(policy: str, num_experts: int, ep: int, num_layers: int, sl
     return PLACEMENTS[policy](num_experts, ep, slots, None, num_layers)
 
 
+def slot_map(placement: Placement, layer: int, ep_rank: int) -> SlotMap:
+    """Where rank `ep_rank` sends each (token, choice) of MoE layer `layer` under `placement`."""
+    return SlotMap(placement.expert_of_slot_YS[layer], placement.ep, ep_rank, placement.num_experts)
+
+
 def apply_placement(model: nn.Module, placement: Placement, ep_rank: int) -> None:
     """Point every MoE layer's (exchanging) dispatcher at `placement`'s map for that layer.
 
     Only the routing changes: the expert weights must already be the placement's (sharded by
     `apply_expert_parallel`, moved by migration, or loaded by a checkpoint restore)."""
     for y, moe in enumerate(moe_layers(model)):
-        moe.dispatcher.slot_map = SlotMap(placement.expert_of_slot_YS[y], placement.ep, ep_rank, placement.num_experts)
+        moe.dispatcher.slot_map = slot_map(placement, y, ep_rank)
 
 
 def apply_expert_parallel(
@@ -69,7 +74,7 @@ def apply_expert_parallel(
     ep_rank = dims.ep_rank(rank)
     for y, moe in enumerate(layers):
         moe.experts.keep_experts(placement.experts_on_rank(y, ep_rank))  # replicas are copies of their expert
-        slots = SlotMap(placement.expert_of_slot_YS[y], dims.ep, ep_rank, dims.num_experts)
+        slots = slot_map(placement, y, ep_rank)
         moe.dispatcher = (
             AllToAllDispatcher(slots, comm, payload_dtype)
             if chunks is None

@@ -8,9 +8,9 @@ Each rank's loss is the mean over its own tokens; the global loss is their mean 
 The global norm counts every parameter once: the replicated part once, each expert once
 (summed over the EP group, not over replicas).
 
-The sums travel in flat buckets of about BUCKET_BYTES (DDP's default size), all issued before
-the first is waited for, instead of one blocking call per parameter; a bucket sums exactly what
-its parameters' own all-reduces would.
+The sums travel in flat buckets of about BUCKET_BYTES (DDP's default size), issued
+asynchronously (the replicated ones during backward: `GradientReducer`) instead of one blocking
+call per parameter; a bucket sums exactly what its parameters' own all-reduces would.
 """
 
 from __future__ import annotations
@@ -34,18 +34,18 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
 
 
 def buckets(params: list[nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -> list[list[nn.Parameter]]:
-    """Consecutive runs of `params` of one gradient dtype and device, each closed once it reaches
-    bucket_bytes (a parameter larger than that is a bucket of its own)."""
+    """Consecutive runs of `params` of one dtype and device, each closed once it reaches
+    bucket_bytes (a parameter larger than that is a bucket of its own). Gradients take their
+    parameter's dtype and device."""
     out: list[list[nn.Parameter]] = []
     size = 0
     for p in params:
-        g = p.grad
-        if out and size < bucket_bytes and (g.dtype, g.device) == (out[-1][0].grad.dtype, out[-1][0].grad.device):
+        if out and size < bucket_bytes and (p.dtype, p.device) == (out[-1][0].dtype, out[-1][0].device):
             out[-1].append(p)
-            size += g.numel() * g.element_size()
+            size += p.numel() * p.element_size()
         else:
             out.append([p])
-            size = g.numel() * g.element_size()
+            size = p.numel() * p.element_size()
     return out
 
 
@@ -54,6 +54,9 @@ class _Bucket:
 
     def __init__(self, params: list[nn.Parameter], group) -> None:
         self.params = params
+        for p in params:
+            if p.grad is None:  # not used this step: it still owes the sum a (zero) gradient
+                p.grad = torch.zeros_like(p)
         self.flat = torch.cat([p.grad.reshape(-1) for p in params])
         self.handle: Handle = TorchCommunicator(group).all_reduce_sum_(self.flat)
 
@@ -65,20 +68,67 @@ class _Bucket:
             p.grad.copy_(piece.view_as(p.grad))
 
 
-def reduce_gradients(model: nn.Module, dims: ParallelDims, bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Apply the reduction rules above to every gradient of `model` (a parameter without one gets zeros)."""
+class GradientReducer:
+    """The replicated (non-expert) gradients' sum over all ranks, issued while backward runs.
+
+    Buckets hold the parameters in reverse model order, about the order backward finishes their
+    gradients. During the backward of a step's last micro-batch (`arm()` first), a hook counts each
+    finished gradient; a bucket whose gradients are all there is issued at once, asynchronously,
+    while backward goes on with the layers below. NOTE: buckets are issued strictly in order (a
+    ready bucket waits for the ones before it): every rank must issue the same collectives in the
+    same order. `finish()` issues what is left (gradients never produced: zeros) and waits.
+    """
+
+    def __init__(self, model: nn.Module, dims: ParallelDims, bucket_bytes: int = BUCKET_BYTES):
+        replicated, _ = split_params(model)
+        self.world = dims.world
+        self.buckets = buckets(list(reversed(replicated)), bucket_bytes)
+        self._bucket_of = {id(p): b for b, params in enumerate(self.buckets) for p in params}
+        self._ready = [0] * len(self.buckets)
+        self._in_flight: list[_Bucket] = []
+        self._armed = False
+        for p in replicated:
+            p.register_post_accumulate_grad_hook(self._on_gradient)
+
+    def arm(self) -> None:
+        """The next backward completes this step's gradients: issue buckets as they fill."""
+        self._armed, self._ready, self._in_flight = True, [0] * len(self.buckets), []
+
+    def _on_gradient(self, p: nn.Parameter) -> None:
+        if not self._armed:
+            return
+        self._ready[self._bucket_of[id(p)]] += 1
+        while len(self._in_flight) < len(self.buckets):
+            b = len(self._in_flight)
+            if self._ready[b] < len(self.buckets[b]):
+                break
+            self._in_flight.append(_Bucket(self.buckets[b], None))
+
+    def finish(self) -> None:
+        """Issue the buckets not issued yet, wait for all; every gradient is then sum / world."""
+        self._armed = False
+        self._in_flight += [_Bucket(self.buckets[b], None) for b in range(len(self._in_flight), len(self.buckets))]
+        for bucket in self._in_flight:
+            bucket.finish(self.world)
+        self._in_flight = []
+
+
+def reduce_gradients(
+    model: nn.Module, dims: ParallelDims, reducer: GradientReducer | None = None, bucket_bytes: int = BUCKET_BYTES
+) -> None:
+    """Apply the reduction rules above to every gradient of `model` (a parameter without one gets
+    zeros). reducer: the replicated gradients' sums it issued during backward (None: issued here)."""
     replicated, expert = split_params(model)
     in_flight: list[_Bucket] = []
-    rules = ((replicated, None, dims.world), (expert, dims.expert_dp_group, dims.world // dims.ep))
-    for params, group, group_size in rules:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if group_size == 1:  # nothing to sum: each expert lives on this rank alone
-            for p in params:
-                p.grad.div_(dims.world)
-            continue
-        in_flight += [_Bucket(bucket, group) for bucket in buckets(params, bucket_bytes)]
+    if reducer is None:
+        in_flight += [_Bucket(bucket, None) for bucket in buckets(replicated, bucket_bytes)]
+    if dims.world // dims.ep > 1:  # expert-DP replicas of the same experts
+        in_flight += [_Bucket(bucket, dims.expert_dp_group) for bucket in buckets(expert, bucket_bytes)]
+    else:  # nothing to sum: each expert lives on this rank alone
+        for p in expert:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.div_(dims.world)
+    if reducer is not None:
+        reducer.finish()
     for bucket in in_flight:
         bucket.finish(dims.world)
 

@@ -101,7 +101,7 @@ class Rebalancer:
         E, R, Y = old.num_experts, old.ep, old.num_layers
         proposal = PLACEMENTS[self.policy](E, R, old.slots_per_rank, stats, Y) if self.is_rank0 else None
         new = Placement(broadcast_from_rank0(proposal, tuple(old.expert_of_slot_YS.shape), self.is_rank0), R, E,
-                        origin=proposal.origin if proposal else self.policy)  # fmt: skip
+                        origin=proposal.origin if proposal else str(self.policy))  # fmt: skip
         layers = moe_layers(model)
         sent = sum(migrate_layer(moe, old, new, y, self.ep_rank, self.comm, optimizer) for y, moe in enumerate(layers))
         moved = torch.tensor([float(sent)], dtype=torch.float64)

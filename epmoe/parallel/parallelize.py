@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from epmoe.choices import WireDtype
 from epmoe.comm.communicator import ep_communicator
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import RankInfo, all_reduce_sum_, init_from_env
@@ -27,13 +28,16 @@ from epmoe.model.moe import moe_layers
 from epmoe.parallel.chunk_tuner import ChunkTuner
 from epmoe.parallel.data_parallel import apply_data_parallel
 from epmoe.parallel.expert_parallel import apply_expert_parallel, apply_placement
-from epmoe.parallel.gradients import clip_global_norm_, reduce_gradients
+from epmoe.parallel.gradients import GradientReducer, clip_global_norm_, reduce_gradients
 from epmoe.parallel.migration import Rebalancer
 from epmoe.parallel.replicas import norm_weights, reduce_replica_grads, replica_rows
 from epmoe.parallel.timing import LayerTimer, attach_timers
 from epmoe.placement.placement import Placement, RoutingStats
 
-WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # comm.dtype -> the rows' dtype on the wire (None: as computed)
+# comm.dtype -> the rows' dtype on the wire (None: as computed)
+WIRE_DTYPES: dict[WireDtype, torch.dtype | None] = {WireDtype.fp32: None, WireDtype.bf16: torch.bfloat16}
+if set(WIRE_DTYPES) != set(WireDtype):
+    raise ImportError(f"WIRE_DTYPES names {sorted(WIRE_DTYPES)}, epmoe.choices.WireDtype {sorted(WireDtype)}")
 
 
 @dataclass
@@ -76,12 +80,17 @@ class Parallel:
         self.apply_placement(model, new)
         return metrics
 
-    def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
+    def gradient_reducer(self, model: nn.Module) -> GradientReducer | None:
+        """What sums the replicated gradients during backward (None in one process)."""
+        return GradientReducer(model, self.dims) if self.info.world > 1 else None
+
+    def reduce_and_clip(self, model: nn.Module, max_norm: float, reducer: GradientReducer | None = None) -> float:
         """After backward: the reduction rules (gradients.py, replicas.py), then one global norm
-        clipped to max_norm (inf: only measured); returns the norm."""
+        clipped to max_norm (inf: only measured); returns the norm. reducer: the one armed for
+        this step's last backward, if any."""
         replicas = []  # placement=redundant: the stacked expert weights that hold replicas
         if self.info.world > 1:
-            reduce_gradients(model, self.dims)
+            reduce_gradients(model, self.dims, reducer)
             if self.placement is not None and self.placement.has_replicas:
                 replicas = replica_rows(model, self.placement, self.ep_rank)
                 reduce_replica_grads(replicas, self.dims.num_experts, self.dims)

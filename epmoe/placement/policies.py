@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from epmoe.config import PlacementName
 from epmoe.placement.affinity import affinity_placement
 from epmoe.placement.load_policies import balanced_placement, redundant_placement
 from epmoe.placement.placement import Placement, PlacementPolicy, RoutingStats, check_policy_args
@@ -56,10 +57,16 @@ def round_robin_placement(
     return Placement.from_slot_of_expert(round_robin(num_experts, ep), ep, num_layers, origin="round_robin")
 
 
+# keyed by placement.policy's Enum (its members are their strings: PLACEMENTS["balanced"] works)
 PLACEMENTS: dict[str, PlacementPolicy] = {
-    "contiguous": contiguous_placement,
-    "round_robin": round_robin_placement,
-    "balanced": balanced_placement,
-    "redundant": redundant_placement,
-    "affinity": affinity_placement,
+    PlacementName.contiguous: contiguous_placement,
+    PlacementName.round_robin: round_robin_placement,
+    PlacementName.balanced: balanced_placement,
+    PlacementName.redundant: redundant_placement,
+    PlacementName.affinity: affinity_placement,
 }
+# the names live once, in the Enum: no policy without a name there, no name there without a policy
+if set(PLACEMENTS) != set(PlacementName):
+    raise ImportError(
+        f"PLACEMENTS ({', '.join(PLACEMENTS)}) must hold exactly PlacementName ({', '.join(PlacementName)})"
+    )

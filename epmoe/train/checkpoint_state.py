@@ -195,8 +195,9 @@ def save(
             "dp": dims.dp,
             "num_experts": dims.num_experts,
             "moe_layers": [name for name, _ in named_moe_layers(model)],
-            "expert_weights": sorted({w for _, w in _expert_params(model).values()},
-                                     key=GroupedExperts.WEIGHT_NAMES.index),  # fmt: skip
+            "expert_weights": sorted(
+                {w for _, w in _expert_params(model).values()}, key=GroupedExperts.WEIGHT_NAMES.index
+            ),  # fmt: skip
             "placement": None
             if placement is None
             else {

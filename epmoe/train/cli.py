@@ -2,16 +2,27 @@
 
 `load_config(overrides)` is the one way the command line, the tests and the benchmarks turn
 override strings into a `Config`: Hydra composes and type-checks (unknown keys, wrong
-types), `OmegaConf.to_object` builds the dataclasses, `validate` checks the values.
+types, a value outside a Choice field's Enum), `OmegaConf.to_object` builds the dataclasses,
+`validate` checks the values.
+
+NOTE: Hydra's `+key=value` and `++key=value` add a key with OmegaConf's `force_add`, which
+bypasses struct mode and the structured schema: `+train.foo=1` composes, and `to_object`
+even sets `foo` on the TrainConfig. `to_config` therefore refuses every composed key that is
+not a dataclass field before building anything. (`+key` on a key that exists stays Hydra's
+error; `++key=value` on one that exists overrides it, as Hydra documents.)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
-from epmoe.config import Config, ConfigError, register_configs, validate
+from epmoe.config import Config, ConfigError, bad_choice, choice_type, field_types, register_configs, validate
 
 CONFIG_MODULE = "epmoe.conf"
 CONFIG_NAME = "config"
@@ -32,18 +43,48 @@ def one_line(e: BaseException) -> str:
                     break
                 options.append(x.strip())
             line += f" (options: {', '.join(options)})"
-        if line not in parts:
+        if "Either remove + prefix" in text:  # `+key=value` on a key that exists: Hydra's fix follows
+            line += f" ({'; '.join(x.strip() for x in lines[1:] if x.strip())})"
+        if line not in parts and not (parts and "$VALUE" in line):  # OmegaConf's unformatted template
             parts.append(line)
         e = e.__cause__ or e.__context__
     return ": ".join(parts)
 
 
+def config_error(e: BaseException) -> ConfigError:
+    """Hydra's or OmegaConf's error as one line; a value outside a Choice field's Enum reads as
+    validate's own: "comm.dispatcher='tutel' is not one of alltoall, pipelined"."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, ValidationError) and cause.full_key:
+            choices = choice_type(cause.full_key)
+            if choices is not None:
+                return bad_choice(cause.full_key, cause.value, [c.value for c in choices])
+        cause = cause.__cause__ or cause.__context__
+    return ConfigError(one_line(e))
+
+
+def _refuse_unknown_keys(tree: dict, schema: type, prefix: str = "") -> None:
+    """Raise ConfigError naming the first key of `tree` that is not a field of `schema` (nested)."""
+    fields = field_types(schema)
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            close = [prefix + c for c in difflib.get_close_matches(str(key), list(fields), n=3)]
+            fix = f"did you mean {' or '.join(close)}?" if close else f"its keys: {', '.join(fields)}"
+            where = f"{prefix.rstrip('.')} ({schema.__name__})" if prefix else "the config"
+            raise ConfigError(f"unknown config key {name}: not a field of {where}; {fix}")
+        if dataclasses.is_dataclass(fields[key]) and isinstance(value, dict):
+            _refuse_unknown_keys(value, fields[key], f"{name}.")
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Composed DictConfig -> validated Config dataclass (raises ConfigError)."""
+    _refuse_unknown_keys(OmegaConf.to_container(cfg, resolve=False), Config)
     try:
         obj = OmegaConf.to_object(cfg)
     except Exception as e:  # missing mandatory values (???) and late type errors
-        raise ConfigError(one_line(e)) from None
+        raise config_error(e) from None
     if not isinstance(obj, Config):
         raise ConfigError(
             f"the composed config is a {type(obj).__name__}, not epmoe's Config; is base_config first in defaults?"
@@ -59,5 +100,5 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             composed = compose(config_name=CONFIG_NAME, overrides=list(overrides))
     except Exception as e:
-        raise ConfigError(one_line(e)) from None
+        raise config_error(e) from None
     return to_config(composed)

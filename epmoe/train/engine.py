@@ -79,6 +79,7 @@ class NativeEngine:
         self.model, self.cfg, self.par, self.device = model, cfg, par, device
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_schedule(self.optimizer, cfg)
+        self.reducer = par.gradient_reducer(model)  # sums the replicated gradients during the last backward
         self._norm = math.nan
 
     @property
@@ -90,10 +91,12 @@ class NativeEngine:
             return self.model(x_BS)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
+        if last and self.reducer is not None:
+            self.reducer.arm()
         loss.backward()
 
     def prepare(self) -> float:
-        self._norm = self.par.reduce_and_clip(self.model, max_grad_norm(self.cfg))
+        self._norm = self.par.reduce_and_clip(self.model, max_grad_norm(self.cfg), self.reducer)
         return self._norm
 
     def update(self) -> tuple[bool, float]:

@@ -1,0 +1,114 @@
+"""The fixed value sets of config fields, as str-valued Enums: each set of names lives here once.
+
+`epmoe/config.py` types its fields with them; the registries keyed on them (e.g.
+`epmoe.placement.policies.PLACEMENTS`) are checked against them at import.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """One of a config field's fixed values. It is its string: it compares equal to, hashes
+    and formats as the value (`f"{x}"` gives "pipelined"), as `enum.StrEnum` does from
+    Python 3.11 on. OmegaConf reads a YAML or command-line string by member *name*, so every
+    member's name is its value."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class Activation(Choice):
+    swiglu = "swiglu"
+    gelu = "gelu"
+
+
+class ExpertImpl(Choice):
+    auto = "auto"
+    grouped = "grouped"
+    loop = "loop"  # the kept reference path
+    fused = "fused"
+
+
+class ScoreFunc(Choice):
+    softmax = "softmax"
+    sigmoid = "sigmoid"
+
+
+class AuxLoss(Choice):
+    none = "none"
+    batch = "batch"  # Switch/GShard
+    sequence = "sequence"  # DeepSeek-V3
+
+
+class DropPolicy(Choice):
+    position = "position"
+    probability = "probability"
+
+
+class DataKind(Choice):
+    stdlib = "stdlib"
+    text = "text"
+    jsonl = "jsonl"
+    bin = "bin"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast
+
+
+class Device(Choice):
+    auto = "auto"  # cuda if present, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class OnNonfinite(Choice):
+    skip = "skip"
+    abort = "abort"
+
+
+class EngineName(Choice):
+    native = "native"
+    deepspeed = "deepspeed"
+
+
+class WandbMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class PlacementName(Choice):
+    """The keys of `epmoe.placement.policies.PLACEMENTS`."""
+
+    contiguous = "contiguous"
+    round_robin = "round_robin"
+    balanced = "balanced"
+    affinity = "affinity"
+    redundant = "redundant"
+
+
+class CommBackend(Choice):
+    torch = "torch"
+    mpi = "mpi"
+
+
+class DispatcherName(Choice):
+    alltoall = "alltoall"
+    pipelined = "pipelined"
+
+
+class WireDtype(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class LauncherName(Choice):
+    local = "local"
+    torchrun = "torchrun"
+    deepspeed = "deepspeed"
+    mpirun = "mpirun"
+    slurm = "slurm"
