@@ -47,6 +47,10 @@ setup(
                 "mpi4py>=4", "mpich", "deepspeed>=0.14"],
     },
     entry_points={
-        "console_scripts": ["epmoe-train=epmoe.train.__main__:main", "epmoe-launch=epmoe.launch.__main__:main"]
+        "console_scripts": [
+            "epmoe-train=epmoe.train.__main__:main",
+            "epmoe-launch=epmoe.launch.__main__:main",
+            "epmoe-checkpoint=epmoe.train.checkpoint_cli:main",
+        ]
     },
 )

@@ -4,7 +4,7 @@ Shape key: T tokens, K choices, D width, E experts, R = ep ranks, L = E / R loca
 N rows this rank sends, M rows it receives.
 
 1. sort the kept (token, choice) pairs by destination slot (rank, local expert);
-2. exchange the per-(rank, local expert) counts (NOTE: one host sync per layer call);
+2. exchange the per-(rank, local expert) counts (NOTE: the one host sync per layer call);
 3. all-to-all the rows; received rows come grouped by (source rank, local expert);
 4. re-sort them by local expert, run the local experts, undo the re-sort;
 5. all-to-all the outputs back (the transposed exchange), weight and sum per token.
@@ -75,11 +75,12 @@ class AllToAllDispatcher:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         R, L = self.ep, self.local_experts
         perm, x_ND, send_counts_RL, recv_counts_RL = sort_by_slot(x_TD, routing, self.slot_map, self.comm)
-        input_splits = send_counts_RL.sum(1).tolist()  # NOTE: host sync for the splits
-        output_splits = recv_counts_RL.sum(1).tolist()
+        # NOTE: the one host sync per call: the splits and the received rows' experts derive from these
+        send_RL, recv_RL = torch.stack((send_counts_RL, recv_counts_RL)).cpu()
+        input_splits, output_splits = send_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
         x_MD = self._exchange(x_ND, output_splits, input_splits)
 
-        local_of_row_M = torch.arange(L).repeat(R).repeat_interleave(recv_counts_RL.flatten().cpu())
+        local_of_row_M = torch.arange(L).repeat(R).repeat_interleave(recv_RL.flatten())
         order_M = local_of_row_M.argsort(stable=True).to(x_MD.device)
         inverse_M = torch.empty_like(order_M)
         inverse_M[order_M] = torch.arange(len(order_M), device=order_M.device)

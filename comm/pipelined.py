@@ -336,7 +336,8 @@ class PipelinedDispatcher(AllToAllDispatcher):
         plan = _Plan.build(send_RL, recv_RL, self.comm.rank, self.chunks)
 
         params = [p for p in experts.parameters() if p.requires_grad]
-        pipe = _Pipeline(plan, self.comm, experts, params, x_ND, self.payload_dtype, side and side.module)
+        side_module = side.module if side is not None else None
+        pipe = _Pipeline(plan, self.comm, experts, params, x_ND, self.payload_dtype, side_module)
         side_in_TD = side.x_TD if side is not None else x_ND.new_empty(0)
         needs_grad = torch.is_grad_enabled() and (
             x_ND.requires_grad or side_in_TD.requires_grad or bool(params) or bool(pipe.side_params)

@@ -12,8 +12,8 @@ Layers, top first; a module imports only its own layer and the ones above it:
     epmoe.launch                        the launcher CLI (launch/)
 and on top of that order: comm imports nothing from placement; placement nothing from model;
 only comm/ imports torch.distributed or mpi4py (parallel/ may use FSDP2, DTensor and
-distributed checkpoint); no two modules import each other, directly or through others.
-Imports under `if TYPE_CHECKING:` never run, so they count for the layers but not for cycles.
+distributed checkpoint); no two modules import each other, directly or through others (imports
+under `if TYPE_CHECKING:` and inside functions count too).
 """
 
 from __future__ import annotations
@@ -58,18 +58,14 @@ def module_files() -> dict[str, Path]:
     return out
 
 
-def imports_of(name: str, path: Path) -> list[tuple[str, bool]]:
-    """(imported module, under TYPE_CHECKING) for every import statement of one file, relative ones resolved."""
+def imports_of(name: str, path: Path) -> list[str]:
+    """Every module one file imports, anywhere in it; relative imports resolved."""
     tree = ast.parse(path.read_text(), str(path))
-    type_checking: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            type_checking.update(id(n) for child in node.body for n in ast.walk(child))
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out += [(alias.name, id(node) in type_checking) for alias in node.names]
+            out += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -77,7 +73,7 @@ def imports_of(name: str, path: Path) -> list[tuple[str, bool]]:
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             for alias in node.names:  # `from epmoe.model import moe` imports the module epmoe.model.moe
                 sub = f"{base}.{alias.name}"
-                out.append((sub if sub in MODULES else base, id(node) in type_checking))
+                out.append(sub if sub in MODULES else base)
     return out
 
 
@@ -93,11 +89,11 @@ def layer_of(module: str) -> tuple[int, str] | None:
     return None
 
 
-def violations(graph: dict[str, list[tuple[str, bool]]]) -> list[str]:
+def violations(graph: dict[str, list[str]]) -> list[str]:
     found = []
     for importer, imported_list in graph.items():
         mine = layer_of(importer)
-        for imported, _ in imported_list:
+        for imported in imported_list:
             if imported.startswith(DISTRIBUTED) and mine is not None and mine[1] != "epmoe.comm":
                 if not (mine[1] == "epmoe.parallel" and imported.startswith(PARALLEL_MAY_USE)):
                     found.append(f"{importer} imports {imported}: only epmoe.comm talks to the process group")
@@ -111,9 +107,9 @@ def violations(graph: dict[str, list[tuple[str, bool]]]) -> list[str]:
     return found
 
 
-def cycles(graph: dict[str, list[tuple[str, bool]]]) -> list[list[str]]:
-    """Every import cycle between modules (run-time imports only), each as a path."""
-    edges = {m: sorted({i for i, tc in imps if i in graph and not tc and i != m}) for m, imps in graph.items()}
+def cycles(graph: dict[str, list[str]]) -> list[list[str]]:
+    """Every import cycle between modules, each as a path."""
+    edges = {m: sorted({i for i in imps if i in graph and i != m}) for m, imps in graph.items()}
     found, state = [], {}  # state: 1 on the stack, 2 done
 
     def visit(m: str, stack: list[str]) -> None:
@@ -131,7 +127,7 @@ def cycles(graph: dict[str, list[tuple[str, bool]]]) -> list[list[str]]:
     return found
 
 
-def import_graph(modules: dict[str, Path]) -> dict[str, list[tuple[str, bool]]]:
+def import_graph(modules: dict[str, Path]) -> dict[str, list[str]]:
     return {name: imports_of(name, path) for name, path in modules.items()}
 
 
@@ -156,11 +152,11 @@ def test_no_module_imports_itself_through_others() -> None:
 )
 def test_a_forbidden_import_is_caught(module: str, added: str, message: str) -> None:
     graph = import_graph(MODULES)
-    graph[module] = [*graph[module], (added, False)]
+    graph[module] = [*graph[module], added]
     assert [v for v in violations(graph) if v.startswith(module)] == [f"{module} imports {added}: {message}"]
 
 
 def test_a_cycle_is_caught() -> None:
     graph = import_graph(MODULES)
-    graph["epmoe.model.permute"] = [*graph["epmoe.model.permute"], ("epmoe.model.moe", False)]
+    graph["epmoe.model.permute"] = [*graph["epmoe.model.permute"], "epmoe.model.moe"]
     assert any(c[0] == c[-1] and "epmoe.model.permute" in c for c in cycles(graph))

@@ -14,7 +14,7 @@ from torch import nn
 
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import all_reduce_sum_
-from epmoe.model.router import Router
+from epmoe.model.moe import moe_layers
 
 
 def apply_data_parallel(model: nn.Module, dims: ParallelDims) -> None:
@@ -25,6 +25,6 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims) -> None:
     def rank_mean(stat: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum_(stat.detach().clone()) / dims.world
 
-    for module in model.modules():
-        if isinstance(module, Router) and module.cfg.aux_loss == "batch":
-            module.rank_mean = rank_mean
+    for moe in moe_layers(model):
+        if moe.router.cfg.aux_loss == "batch":
+            moe.router.rank_mean = rank_mean

@@ -1,8 +1,10 @@
-"""`python -m epmoe.train.checkpoint_cli inspect|verify|consolidate`: look at, check and export checkpoints.
+"""`epmoe-checkpoint inspect|verify|consolidate`: look at, check and export checkpoints.
 
-    python -m epmoe.train.checkpoint_cli inspect RUN_DIR|CHECKPOINT_DIR      # manifest summary and file sizes
-    python -m epmoe.train.checkpoint_cli verify RUN_DIR|CHECKPOINT_DIR       # sha256 of every file; exit 1 if bad
-    python -m epmoe.train.checkpoint_cli consolidate CHECKPOINT OUT.pt       # one single-device model state dict
+    epmoe-checkpoint inspect RUN_DIR|CHECKPOINT_DIR      # manifest summary and file sizes
+    epmoe-checkpoint verify RUN_DIR|CHECKPOINT_DIR       # sha256 of every file; exit 1 if bad
+    epmoe-checkpoint consolidate CHECKPOINT OUT.pt       # one single-device model state dict
+
+(`python -m epmoe.train.checkpoint_cli ...` is the same command.)
 
 A run directory names its newest complete checkpoint. `consolidate` writes every expert in global
 order: `Transformer(cfg.model, cfg.router).load_state_dict(torch.load(OUT.pt, weights_only=True))`.
@@ -88,7 +90,7 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m epmoe.train.checkpoint_cli", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="epmoe-checkpoint", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, run, help_ in (
         ("inspect", _inspect, "print the manifest summary and the files' sizes"),

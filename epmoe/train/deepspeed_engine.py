@@ -109,6 +109,7 @@ class DeepSpeedEngine:
     def update(self) -> tuple[bool, float]:
         self.ds.step()
         if self.zero:  # NOTE: ZeRO discards a step whose gradient norm is not finite ("overflow")
+            # NOTE: host sync: the step's metrics and the finite check read the norm
             return not self.optimizer.overflow, float(self.ds.get_global_grad_norm())
         return True, self._norm
 

@@ -15,17 +15,33 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
+from epmoe.config import Config
+from epmoe.parallel.parallelize import Parallel
 from epmoe.parallel.timing import step_timing
+from epmoe.train.engine import Engine
 from epmoe.train.routing_stats import RoutingCounts, RoutingTrace
 
-if TYPE_CHECKING:  # the trainer builds the hooks and hands itself to them
-    from epmoe.train.trainer import Trainer
-
 OnRouting = Callable[[int, torch.Tensor], None]  # (micro-batch, topk_idx_YTK)
+
+
+class Trainer(Protocol):
+    """What the hooks see of the trainer (trainer.py's Trainer)."""
+
+    cfg: Config
+    par: Parallel
+    model: nn.Module
+    engine: Engine
+    start_step: int  # the first step this process runs (after a resume)
+    counts: RoutingCounts | None
+    trace: RoutingTrace
+
+    def say(self, *args: Any, **kwargs: Any) -> None: ...
+    def write(self, line: str) -> None: ...
 
 
 class Hook:

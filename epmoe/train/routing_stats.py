@@ -28,7 +28,8 @@ TRACE_FORMAT = 1
 
 
 def topk_of_layers(routings: list) -> torch.Tensor:
-    """topk_idx_YTK of one forward pass: every MoE layer's choices for the same T tokens."""
+    """topk_idx_YTK of one forward pass: every MoE layer's choices for the same T tokens.
+    NOTE: a host sync; the trainer asks for it only on steps whose hooks want the choices."""
     return torch.stack([r.topk_idx_TK for r in routings]).cpu()
 
 
