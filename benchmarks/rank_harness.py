@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from epmoe.comm.communicator import TorchCommunicator
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.pipelined import PipelinedDispatcher
 from epmoe.comm.timing import Exchange, TimedCommunicator, union_seconds
+from epmoe.launch.commands import free_port
 from epmoe.model.experts import MLP
 from epmoe.model.moe import MoE
 from epmoe.parallel.expert_parallel import apply_expert_parallel
@@ -243,12 +243,6 @@ def rank_entry(
 
 
 # --- the links and the ranks' processes ---
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_ranks(module: str, nodes: list[Node], rank_args: list[str], timeout: float) -> dict:

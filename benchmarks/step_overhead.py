@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from epmoe.launch.commands import free_port
 from epmoe.train.cli import load_config
 
 COLLECTIVES = ("all_reduce", "all_to_all_single", "all_gather", "all_gather_into_tensor", "broadcast",
@@ -116,11 +117,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=ep2_cpu")
     args = parser.parse_args()
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, args.procs, port, args, queue)) for r in range(args.procs)]

@@ -34,7 +34,7 @@ from epmoe.train.engine import Engine, autocast
 from epmoe.train.routing_stats import topk_of_layers
 
 VAL_STREAM = 1 << 20  # data stream ids >= this are validation batches
-_CE, _AUX, _Z, _DROPPED, _STOP = range(5)  # the step's sums; the per-layer load follows
+_CE, _AUX, _Z, _DROPPED, _STOP, _LOAD = range(6)  # the step's sums; the per-layer load from _LOAD on
 
 
 class NonFiniteStep(FloatingPointError):
@@ -99,8 +99,8 @@ def train_step(
     layers = moe_layers(engine.model)
     Y, E = len(layers), cfg.model.num_experts
     # per-rank sums [ce, aux, z, dropped, stop, load_YE...] in float64: counts stay exact below 2**53
-    sums = torch.zeros(5 + Y * E, dtype=torch.float64, device=device)
-    load_YE = sums[5:].view(Y, E)
+    sums = torch.zeros(_LOAD + Y * E, dtype=torch.float64, device=device)
+    load_YE = sums[_LOAD:].view(Y, E)
     for micro in range(t_cfg.grad_accum):
         # the global batch depends only on (seed, micro, step): any world size sees the same data
         x_BS, y_BS = sample_batch(data.train, global_batch, cfg.data.seq_len, t_cfg.seed, micro, step)
@@ -126,7 +126,7 @@ def train_step(
     # NOTE: the step's one host sync for its metrics (the gradient norm's is in the engine)
     sums_host = sums.cpu()
     ce_mean, aux_mean, z_mean = (sums_host[i].item() / par.info.world for i in (_CE, _AUX, _Z))
-    load_host_YE = sums_host[5:].view(Y, E).long()
+    load_host_YE = sums_host[_LOAD:].view(Y, E).long()
 
     n = t_cfg.grad_accum
     record: dict[str, Any] = {"step": step + 1, "loss": ce_mean / n, "lr": engine.lr}
@@ -143,9 +143,9 @@ def train_step(
         if t_cfg.on_nonfinite == "abort":
             raise NonFiniteStep(f"non-finite training step {step + 1} (loss {ce_mean / n}, gradient norm {grad_norm})")
         return {**record, "skipped_nonfinite": 1}  # skip: no update, no balancing step; counted
-    load_YE_device = load_host_YE.to(device)
+    global_load_YE = load_YE.long()  # reduced in place with `sums`; on the routers' device
     for y, moe in enumerate(layers):
-        moe.router.update_bias(load_YE_device[y])
+        moe.router.update_bias(global_load_YE[y])
     record.update(routing_metrics(load_host_YE, int(sums_host[_DROPPED].item()), aux_mean / n, z_mean / n))
     return record
 

@@ -92,8 +92,8 @@ class Trainer:
         self.model = Transformer(cfg.model, cfg.router).to(self.device)  # the same weights on every rank (seeded)
         self.par = parallelize(self.model, cfg, self.device)
         self.engine = build_engine(self.model, t_cfg, self.par, self.device)
-        num_moe = len(moe_layers(self.model))
-        self.counts = RoutingCounts(num_moe, cfg.model.num_experts) if self.par.rebalancer else None
+        self.num_moe_layers = len(moe_layers(self.model))
+        self.counts = RoutingCounts(self.num_moe_layers, cfg.model.num_experts) if self.par.rebalancer else None
         self.start_step = self.completed = 0  # completed: optimizer steps whose effect is in the model
 
         self.main = self.par.info.is_main  # only rank 0 prints, plots and logs
@@ -129,7 +129,7 @@ class Trainer:
         exchange = f", tokens exchanged over {cfg.comm.backend}" if par.dims.ep_enabled else ""
         engine_name = f"deepspeed (ZeRO {t_cfg.zero_stage})" if t_cfg.engine == "deepspeed" else "native"
         self.say(
-            f"epmoe: {n_params / 1e6:.2f}M parameters on rank 0, {len(moe_layers(self.model))} MoE layers, "
+            f"epmoe: {n_params / 1e6:.2f}M parameters on rank 0, {self.num_moe_layers} MoE layers, "
             f"device {self.device}, world {par.info.world} (ep {par.dims.ep}{exchange}), engine {engine_name}, "
             f"data {self.data.description}; run dir {self.run_dir}",
             file=sys.stderr,
@@ -143,9 +143,8 @@ class Trainer:
         restart = par.info.restart
         if restart > 0 and checkpoint_files.complete_checkpoints(checkpoint_files.checkpoint_dir(self.run_dir)):
             resume = str(self.run_dir)  # a restarted job continues from its own newest checkpoint, not train.resume's
-            if self.main:
-                print(f"restart {restart}: resuming from the newest complete checkpoint in {self.run_dir}",
-                      file=sys.stderr)  # fmt: skip
+            self.say(f"restart {restart}: resuming from the newest complete checkpoint in {self.run_dir}",
+                     file=sys.stderr)  # fmt: skip
         if not resume:
             return
         # rank 0 verifies the checksums and picks the checkpoint; every rank reads its experts
