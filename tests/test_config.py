@@ -20,10 +20,10 @@ from epmoe.config import (
     PlacementName,
     choice_type,
     field_types,
-    validate,
 )
 from epmoe.placement.policies import PLACEMENTS
 from epmoe.train.cli import load_config
+from epmoe.validate import validate
 
 from .conftest import run_cli
 

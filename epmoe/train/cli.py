@@ -22,7 +22,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from epmoe.config import Config, ConfigError, bad_choice, choice_type, field_types, register_configs, validate
+from epmoe.config import Config, ConfigError, bad_choice, choice_type, field_types, register_configs
+from epmoe.validate import validate
 
 CONFIG_MODULE = "epmoe.conf"
 CONFIG_NAME = "config"
