@@ -25,11 +25,35 @@ class RankInfo:
 
     rank: int
     world: int
-    restart: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT: restarts of this job so far
+    restart: int = 0  # restarts of this job so far (see `restart_count`)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def restart_count() -> int:
+    """How often this job was restarted: by torchrun (TORCHELASTIC_RESTART_COUNT) or by a Slurm
+    requeue (SLURM_RESTART_COUNT). A restarted job continues from its run's newest checkpoint."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) + int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def ranks_on_this_node() -> int:
+    """The ranks sharing this node (torchrun's LOCAL_WORLD_SIZE; MPI's and others' WORLD_SIZE)."""
+    _map_mpi_env()
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+
+
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send this process `sig` when its parent (torchrun, mpiexec, the launcher)
+    dies, so that no rank outlives its launcher as an orphan, however the launcher ended (also
+    SIGKILL). Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 # rank / world variables of MPI launchers, mapped onto torch.distributed's RANK / WORLD_SIZE
@@ -52,7 +76,7 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> RankInfo:
     """Join the process group a launcher described in the environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT as torchrun sets them, or an MPI launcher's variables plus
     MASTER_ADDR/MASTER_PORT); a single process needs none. The one place that reads the
-    launcher's variables (also TORCHELASTIC_RESTART_COUNT, into RankInfo.restart).
+    launcher's variables (also the restart counts, into RankInfo.restart).
 
     `timeout_s` (train.collective_timeout_s) bounds the rendezvous and every collective on the
     world group: with gloo a collective whose peer is gone raises after it (or at once when the
@@ -61,7 +85,7 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> RankInfo:
     _map_mpi_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    restart = int(attempt or 0)
+    restart = restart_count()
     if world == 1:
         return RankInfo(0, 1, restart)
     if not dist.is_initialized():

@@ -7,3 +7,4 @@ EXIT_USAGE = 2  # the user's input cannot work (config, data, checkpoint): one l
 # stopped by a signal (SIGTERM, SIGUSR1: preemption, a time limit) after saving a complete checkpoint;
 # run the same command again to continue. 75 is sysexits' EX_TEMPFAIL: "try again later"
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C (SIGINT) after saving a checkpoint: the shells' 128 + SIGINT

@@ -10,14 +10,18 @@ Examples:
 (under several ranks, name the run dir: every rank must write to the same one; the launcher,
 `python -m epmoe.launch`, does that for you)
 
-Bad config values and unusable data fail before any work with one line on stderr and exit
-code 2. A collective that fails because another rank died or hung (longer than
-train.collective_timeout_s) ends this rank with one line and exit code 1.
+Exit statuses (epmoe/exit_codes.py): 0 done; 2 bad config values, unusable data or checkpoint,
+before any work, with one line on stderr; 1 a collective failed because another rank died or
+hung (longer than train.collective_timeout_s), one line; 75 stopped by SIGTERM or SIGUSR1
+(preemption, a time limit) after every rank saved the checkpoint the line names; 130 stopped by
+Ctrl-C (SIGINT), with a checkpoint where the ranks could agree on one. A rank dies with its
+parent (torchrun, the launcher): it gets SIGTERM then, and stops as above.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,16 +30,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from epmoe.comm.parallel_dims import ParallelConfigError
-from epmoe.comm.process import PeerLostError, end_process, peer_failures_as_errors
+from epmoe.comm.process import PeerLostError, die_with_parent, end_process, peer_failures_as_errors
 from epmoe.config import ConfigError, register_configs
+from epmoe.exit_codes import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_PREEMPTED, EXIT_USAGE
 from epmoe.train.checkpoint_files import CheckpointError
-from epmoe.train.cli import CONFIG_NAME, load_config, to_config
+from epmoe.train.cli import CONFIG_NAME, load_config, resolve_config
 from epmoe.train.data import DataError
+from epmoe.train.stop import Preempted
 from epmoe.train.trainer import TrainingAborted, train
 
 USER_ERRORS = (ConfigError, ParallelConfigError, DataError, CheckpointError)
-EXIT_USAGE = 2
-EXIT_JOB_FAILED = 1  # not the user's input: the job failed (a supervisor such as torchrun may restart it)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -46,13 +50,19 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 @hydra.main(config_path="pkg://epmoe.conf", config_name=CONFIG_NAME, version_base="1.3")
 def _run(cfg: DictConfig) -> float | None:
     try:
-        config = to_config(cfg)
+        config = resolve_config(cfg, HydraConfig.get().overrides.task)
         with peer_failures_as_errors(config.train.collective_timeout_s):
             result = train(config, Path(HydraConfig.get().runtime.output_dir))
     except USER_ERRORS as e:
         _fail(str(e))
     except (PeerLostError, TrainingAborted) as e:
         _fail(str(e), EXIT_JOB_FAILED)
+    except Preempted as e:
+        if e.main:  # one line for the job, not one per rank
+            print(e, file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
     return result.val_loss  # what a sweeper would optimise
 
 
@@ -73,6 +83,7 @@ def _take_local_rank_argument() -> None:
 
 
 def main() -> None:
+    die_with_parent(signal.SIGTERM)
     register_configs()
     _take_local_rank_argument()
     argv = sys.argv[1:]
@@ -81,7 +92,7 @@ def main() -> None:
         # multi-line report (sweeps are checked per job by Hydra itself).
         try:
             load_config([a for a in argv if not a.startswith("-")])
-        except ConfigError as e:
+        except (ConfigError, CheckpointError) as e:
             _fail(str(e))
     try:
         _run()

@@ -10,12 +10,20 @@ bypasses struct mode and the structured schema: `+train.foo=1` composes, and `to
 even sets `foo` on the TrainConfig. `to_config` therefore refuses every composed key that is
 not a dataclass field before building anything. (`+key` on a key that exists stays Hydra's
 error; `++key=value` on one that exists overrides it, as Hydra documents.)
+
+`train.resume=<checkpoint or run dir>` resumes with the config the checkpoint was saved with:
+`with_checkpoint_config` puts what this command line sets (every key it names, and every value
+its groups change from the defaults) on top of the saved config, so `train.resume=<dir>` alone
+continues the run as it was, and `train.resume=<dir> train.steps=600` trains it further.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -23,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from epmoe.config import Config, ConfigError, bad_choice, choice_type, field_types, register_configs
+from epmoe.train import checkpoint_files
 from epmoe.validate import validate
 
 CONFIG_MODULE = "epmoe.conf"
@@ -93,8 +102,39 @@ def to_config(cfg: DictConfig) -> Config:
     return validate(obj)
 
 
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested dict's leaves (a list is a leaf)."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}."))
+    return out
+
+
+def with_checkpoint_config(composed: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Under train.resume: the checkpoint's saved config with what `overrides` set on top (see the
+    module docstring); else `composed` unchanged. Raises CheckpointError if there is no checkpoint."""
+    resume = OmegaConf.select(composed, "train.resume")
+    if not resume:
+        return composed
+    saved = checkpoint_files.read_manifest(checkpoint_files.latest(Path(resume)))["config"]
+    try:
+        base = OmegaConf.merge(OmegaConf.structured(Config), saved)
+    except Exception as e:  # a checkpoint of an older schema
+        raise ConfigError(f"the config saved in {resume} does not fit this version's: {config_error(e)}") from None
+    now = _leaves(OmegaConf.to_container(composed, enum_to_str=True))
+    defaults = _leaves(OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True))
+    named = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    explicit = {k for k in now if now[k] != defaults.get(k) or any(k == n or k.startswith(f"{n}.") for n in named)}
+    for key in sorted(explicit):
+        OmegaConf.update(base, key, OmegaConf.select(composed, key), merge=False)
+    return base
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Compose conf/config.yaml with command-line style overrides into a validated Config."""
+    """Compose conf/config.yaml with command-line style overrides into a validated Config (under
+    train.resume, on top of the checkpoint's config)."""
     register_configs()
     GlobalHydra.instance().clear()
     try:
@@ -102,4 +142,17 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
             composed = compose(config_name=CONFIG_NAME, overrides=list(overrides))
     except Exception as e:
         raise config_error(e) from None
-    return to_config(composed)
+    _refuse_unknown_keys(OmegaConf.to_container(composed, resolve=False), Config)
+    return resolve_config(composed, overrides)
+
+
+def resolve_config(composed: DictConfig, overrides: Sequence[str]) -> Config:
+    """`to_config` of the composed config, or under train.resume of `with_checkpoint_config`'s:
+    an error then says where the values it did not name came from."""
+    try:
+        return to_config(with_checkpoint_config(composed, overrides))
+    except ConfigError as e:
+        if not OmegaConf.select(composed, "train.resume"):
+            raise
+        raise ConfigError(f"{e} (under train.resume, what the command line does not set comes from the "
+                          "checkpoint's config)") from None  # fmt: skip

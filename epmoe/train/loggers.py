@@ -9,6 +9,7 @@ scalar summaries (`imbalance`, `drop_frac`, ...) go everywhere.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -33,11 +34,17 @@ def _format(record: dict[str, Any]) -> str:
 
 
 class Loggers:
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, full_config: Config, write):
-        """write: a function printing a line without breaking the progress bar."""
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, full_config: Config, write, start_step: int = 0):
+        """write: a function printing a line without breaking the progress bar. start_step: the
+        step the run resumes after (0: from the start); metrics.jsonl keeps the records of the
+        steps up to it and drops the later ones, which this run computes again."""
         self.cfg, self.run_dir, self.write = cfg, run_dir, write
         self.history: list[dict[str, Any]] = []  # kept for the plots
-        self._jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1) if cfg.jsonl else None
+        self._jsonl = None
+        if cfg.jsonl:
+            path = run_dir / "metrics.jsonl"
+            _keep_records_up_to(path, start_step)
+            self._jsonl = path.open("a", buffering=1)
         self._wandb = None
         if cfg.wandb and cfg.wandb_mode != "disabled":
             import wandb  # imported only when asked for: it is slow to import
@@ -76,6 +83,25 @@ class Loggers:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite the jsonl file `path` (if any) with only its records of steps <= `step`: a resumed
+    or restarted run logs the steps after its checkpoint again, and each step must be there once.
+    A torn last line (the previous process was killed while writing it) is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def print_line(line: str) -> None:

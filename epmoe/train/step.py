@@ -6,7 +6,7 @@ One step (`train_step`):
 1. for each of `grad_accum` micro-batches: forward under autocast, loss = cross-entropy +
    the routers' aux and z losses, backward (scaled by 1/grad_accum); the step's sums (losses,
    drops, per-layer expert load) accumulate on the device, no host sync per micro-batch;
-2. one all-reduce of those sums (and of the stop flag, see `StopRequest`) over all ranks;
+2. one all-reduce of those sums (and of the stop flags, see stop.py) over all ranks;
 3. the engine reduces and clips the gradients to one global norm, and updates (AdamW);
 4. aux-loss-free balancing: each router's bias moves toward uniform by the step's global load;
 5. the step's metrics: losses, lr, gradient norm, per-layer expert load, imbalance, drops.
@@ -15,8 +15,6 @@ One step (`train_step`):
 from __future__ import annotations
 
 import math
-import signal
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -32,9 +30,12 @@ from epmoe.parallel.parallelize import Parallel
 from epmoe.train.data import TokenSplits, sample_batch
 from epmoe.train.engine import Engine, autocast
 from epmoe.train.routing_stats import topk_of_layers
+from epmoe.train.stop import STOP_SIGNALS, StopRequest
 
 VAL_STREAM = 1 << 20  # data stream ids >= this are validation batches
-_CE, _AUX, _Z, _DROPPED, _STOP, _LOAD = range(6)  # the step's sums; the per-layer load from _LOAD on
+# the step's sums: losses, drops, one stop flag per STOP_SIGNALS entry, then the per-layer load
+_CE, _AUX, _Z, _DROPPED, _STOP = range(5)
+_LOAD = _STOP + len(STOP_SIGNALS)
 
 
 class NonFiniteStep(FloatingPointError):
@@ -98,7 +99,7 @@ def train_step(
     global_batch = t_cfg.batch_size * par.info.world
     layers = moe_layers(engine.model)
     Y, E = len(layers), cfg.model.num_experts
-    # per-rank sums [ce, aux, z, dropped, stop, load_YE...] in float64: counts stay exact below 2**53
+    # per-rank sums [ce, aux, z, dropped, stop flags..., load_YE...] in float64: counts stay exact below 2**53
     sums = torch.zeros(_LOAD + Y * E, dtype=torch.float64, device=device)
     load_YE = sums[_LOAD:].view(Y, E)
     for micro in range(t_cfg.grad_accum):
@@ -120,7 +121,7 @@ def train_step(
         if on_routing is not None and out.routings:
             on_routing(micro, topk_of_layers(out.routings))
     if stop is not None:
-        sums[_STOP] = float(stop.requested)
+        sums[_STOP:_LOAD] = stop.flags(sums)
     if par.info.world > 1:  # the routers' bias must see the global load; the losses are means over ranks
         all_reduce_sum_(sums)
     # NOTE: the step's one host sync for its metrics (the gradient norm's is in the engine)
@@ -131,7 +132,7 @@ def train_step(
     n = t_cfg.grad_accum
     record: dict[str, Any] = {"step": step + 1, "loss": ce_mean / n, "lr": engine.lr}
     if stop is not None:
-        stop.agreed = sums_host[_STOP].item() > 0
+        stop.agree(sums_host[_STOP:_LOAD].tolist())
     grad_norm = engine.prepare()  # None: the engine knows it only once it updates (ZeRO)
     # NOTE: the loss is a mean over ranks and the norm global, so every rank decides alike
     if math.isfinite(ce_mean) and (grad_norm is None or math.isfinite(grad_norm)):
@@ -148,25 +149,3 @@ def train_step(
         moe.router.update_bias(global_load_YE[y])
     record.update(routing_metrics(load_host_YE, int(sums_host[_DROPPED].item()), aux_mean / n, z_mean / n))
     return record
-
-
-class StopRequest:
-    """Ctrl-C under several ranks: the first SIGINT on any rank sets a flag; the ranks agree on it
-    in each step's one reduction (train_step's stop flag) and all stop after that same step, so
-    every rank can join the interrupt checkpoint. A second SIGINT stops at once, without one."""
-
-    def __init__(self) -> None:
-        self.requested = False  # on this rank, by its SIGINT handler
-        self.agreed = False  # on any rank, as of the last step's reduction
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)

@@ -5,16 +5,20 @@
 1. build: the data, the single-device model (seeded: the same weights on every rank), then
    `parallelize` (process group, data and expert parallelism, placement, timers, tuner,
    rebalancer), the engine, the loggers and the hooks (hooks.py);
-2. resume: from `train.resume`, or after a torchrun restart from the run's own newest checkpoint;
+   Before any of it, the checks of preflight.py (one line each), and rank 0 locks the run
+   directory (run_lock.py) for the run's life;
+2. resume: from `train.resume`, or after a restart (torchrun, a Slurm requeue) from the run's own
+   newest checkpoint; metrics.jsonl keeps the records up to that step, so each step is in it once;
 3. step: the hooks before, `train_step` (step.py), the hooks after, logging, evaluation every
-   `eval_every` steps, a checkpoint every `checkpoint_every`; Ctrl-C on any rank stops every rank
-   after the same step and saves;
+   `eval_every` steps, a checkpoint every `checkpoint_every`; a SIGINT, SIGTERM or SIGUSR1 on any
+   rank stops every rank after the same step, with a checkpoint (stop.py);
 4. finish: the final evaluation and checkpoint, the run's summary, a text sample, plots.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,20 +28,23 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from epmoe.comm.process import all_reduce_sum_, ranks_on_this_node, restart_count
 from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
 from epmoe.host_memory import retain_freed_host_memory
 from epmoe.model.moe import moe_layers
 from epmoe.model.transformer import Transformer
 from epmoe.parallel.parallelize import Parallel, parallelize
 from epmoe.parallel.timing import run_summary
-from epmoe.train import checkpoint_files, checkpoint_state
+from epmoe.train import checkpoint_files, checkpoint_state, preflight
 from epmoe.train.data import TokenSplits, load_splits
 from epmoe.train.engine import Engine, NativeEngine, autocast
 from epmoe.train.hooks import build_hooks, routing_callback
 from epmoe.train.loggers import Loggers
 from epmoe.train.plots import plot_run
 from epmoe.train.routing_stats import RoutingCounts, RoutingTrace
-from epmoe.train.step import NonFiniteStep, StopRequest, evaluate, train_step
+from epmoe.train.run_lock import RunLock
+from epmoe.train.step import NonFiniteStep, evaluate, train_step
+from epmoe.train.stop import Preempted, StopRequest
 
 LN2 = math.log(2)
 
@@ -82,6 +89,7 @@ class Trainer:
         """1. build (collective when world > 1)."""
         self.cfg, self.run_dir = cfg, run_dir
         t_cfg, self.device = cfg.train, resolve_device(cfg.train.device)
+        preflight.check(cfg, run_dir, ranks_on_this_node(), restart_count(), lock=False)
         run_dir.mkdir(parents=True, exist_ok=True)
         if t_cfg.threads > 0:
             torch.set_num_threads(t_cfg.threads)
@@ -91,6 +99,7 @@ class Trainer:
         self.data: TokenSplits = load_splits(cfg.data, cfg.model.vocab_size)
         self.model = Transformer(cfg.model, cfg.router).to(self.device)  # the same weights on every rank (seeded)
         self.par = parallelize(self.model, cfg, self.device)
+        self.lock = self._lock_run_dir()
         self.engine = build_engine(self.model, t_cfg, self.par, self.device)
         self.num_moe_layers = len(moe_layers(self.model))
         self.counts = RoutingCounts(self.num_moe_layers, cfg.model.num_experts) if self.par.rebalancer else None
@@ -106,6 +115,22 @@ class Trainer:
         self.tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum * self.par.info.world
         self.bar: tqdm | None = None
         self.loggers: Loggers | None = None
+        self.stopped = False  # by a signal, with its checkpoint saved
+
+    def _lock_run_dir(self) -> RunLock | None:
+        """Rank 0 takes the run directory's lock; every rank raises if it could not (a collective)."""
+        lock, error = None, None
+        if self.par.info.is_main:
+            try:
+                lock = RunLock(self.run_dir)
+            except ConfigError as e:
+                error = e
+        failed_1 = all_reduce_sum_(torch.tensor([float(error is not None)]))
+        if error is not None:
+            raise error
+        if failed_1.item() > 0:
+            raise ConfigError(f"run directory {self.run_dir} is in use by another run (rank 0 could not lock it)")
+        return lock
 
     # -- output ----------------------------------------------------------------------------------
 
@@ -123,7 +148,7 @@ class Trainer:
         cfg, t_cfg = self.cfg, self.cfg.train
         self.bar = tqdm(total=t_cfg.steps, initial=self.start_step, disable=not (cfg.logger.progress and self.main),
                         file=sys.stderr, dynamic_ncols=True, desc="train", unit="step")  # fmt: skip
-        self.loggers = Loggers(self.log_cfg, self.run_dir, cfg, write=self.bar.write)
+        self.loggers = Loggers(self.log_cfg, self.run_dir, cfg, write=self.bar.write, start_step=self.start_step)
         par = self.par
         n_params = sum(p.numel() for p in self.model.parameters())
         exchange = f", tokens exchanged over {cfg.comm.backend}" if par.dims.ep_enabled else ""
@@ -148,16 +173,18 @@ class Trainer:
         if not resume:
             return
         # rank 0 verifies the checksums and picks the checkpoint; every rank reads its experts
+        ckpt = checkpoint_files.agree(Path(resume), self.main)
+        preflight.check_resume(self.cfg, ckpt)  # touches nothing when train.steps is not beyond it
         optimizer, scheduler = self.engine.portable()
-        resumed = checkpoint_state.restore(checkpoint_files.agree(Path(resume), self.main), self.model, optimizer,
-                                           scheduler, self.cfg, par.info.rank, par.dims, par.placement,
-                                           keep_saved_placement=par.rebalancer is not None)  # fmt: skip
+        resumed = checkpoint_state.restore(ckpt, self.model, optimizer, scheduler, self.cfg, par.info.rank, par.dims,
+                                           par.placement, keep_saved_placement=par.rebalancer is not None)  # fmt: skip
         self.engine.load_portable(optimizer, scheduler)
         self.start_step = self.completed = resumed.step
         if resumed.placement is not None:
             par.apply_placement(self.model, resumed.placement)
         if self.counts is not None and resumed.routing_window is not None and self.main:
             self.counts.local = resumed.routing_window  # the window's global counts, once
+        self.say(f"resumed from step {resumed.step} of {ckpt}", file=sys.stderr)
 
     def save_checkpoint(self, step: int) -> Path:
         """A collective: every rank writes its shard."""
@@ -249,32 +276,44 @@ class Trainer:
         return bytes(tokens.clamp(0, 255).tolist()).decode("utf-8", errors="replace")
 
     def run(self) -> TrainResult:
-        """2-4: resume, every step left, finish."""
-        self.resume()
-        self._open_outputs()
+        """2-4: resume, every step left, finish; or stop on a signal (stop.py) with a checkpoint."""
         steps = self.cfg.train.steps
-        stop = StopRequest() if self.par.info.world > 1 else None  # Ctrl-C: every rank stops after the same step
-        stopped_at_step_end = False  # an interrupt between steps: every rank can join the checkpoint
+        stop = StopRequest()
         try:
+            self.resume()
+            self._open_outputs()
             for step in range(self.start_step, steps):
                 self.step(step, stop)
-                if stop is not None and stop.agreed and self.completed < steps:
-                    stopped_at_step_end = True
-                    raise KeyboardInterrupt
+                if stop.agreed is not None and self.completed < steps:
+                    self._stop(stop)
             return self.finish()
-        except KeyboardInterrupt:
-            self.bar.close()
+        except KeyboardInterrupt:  # a second Ctrl-C, or one in a single process mid-step
+            if self.bar is not None:
+                self.bar.close()
             self.trace.save(self.run_dir)
-            in_step = stop is not None and not stopped_at_step_end  # ranks may be mid-collective: no save
-            if self.start_step < self.completed < steps and not in_step:  # resume with train.resume=<run dir>
-                saved = self.save_checkpoint(self.completed)
-                self.say(f"interrupted: saved {saved}", file=sys.stderr)
+            # several ranks may be mid-collective: no save (the newest complete checkpoint stays)
+            if self.par.info.world == 1 and not self.stopped and self.start_step < self.completed < steps:
+                self.say(f"interrupted: saved {self.save_checkpoint(self.completed)}", file=sys.stderr)
             raise
         finally:
-            self.bar.close()
-            self.loggers.close()
-            if stop is not None:
-                stop.close()
+            stop.close()
+            if self.bar is not None:
+                self.bar.close()
+            if self.loggers is not None:
+                self.loggers.close()
+            if self.lock is not None:
+                self.lock.release()
+
+    def _stop(self, stop: StopRequest) -> None:
+        """Every rank, after the same step: save where the run stands, then end it (raises)."""
+        self.stopped = True
+        self.bar.close()
+        self.trace.save(self.run_dir)
+        saved = self.save_checkpoint(self.completed) if self.completed > self.start_step else None
+        if stop.agreed == signal.SIGINT:
+            self.say(f"interrupted after step {self.completed}: saved {saved}", file=sys.stderr)
+            raise KeyboardInterrupt
+        raise Preempted(stop.agreed.name, self.completed, saved, self.run_dir, self.main)
 
 
 def train(cfg: Config, run_dir: Path) -> TrainResult:
