@@ -2,11 +2,12 @@
 
 - `TorchCommunicator`: a torch.distributed process group (nccl on GPU, gloo on CPU);
 - `MPICommunicator`: an mpi4py communicator (`Ialltoallv` on CPU tensors), for clusters
-  whose fast path is MPI (installed with the `mpich` wheel, so no system MPI is needed).
+  whose fast path is MPI (installed with the `mpich` wheel, so no system MPI is needed). Rows
+  travel as same-width integers, so dtypes numpy lacks (bf16, float8) exchange too.
 Calls are raw (no autograd); `collectives.py` wraps them in autograd Functions. Each
 returns a handle whose `wait()` gives the result, so callers can overlap work with it.
 
-Shape key: N rows sent, M rows received, D row width.
+Shape key: N rows sent, M rows received, D row width, R elements per row, W integer words per row.
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ class TorchCommunicator:
         return _Pending(tensor, work.wait)
 
 
+# an exchange moves bytes, so any dtype travels as the integer dtype of its width
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_words(x_ND: torch.Tensor) -> torch.Tensor:
+    """x_ND's memory (contiguous) as (N, W) integers of x_ND's element width (bytes for a width
+    numpy lacks an integer of): numpy, hence mpi4py, has no bfloat16 or float8, and an
+    all-to-all only copies bits, so the values arrive bit-exact (NaN payloads and -0.0 too)."""
+    rows_NR = x_ND.view(x_ND.shape[0], math.prod(x_ND.shape[1:]))  # (N, ...) -> (N, R elements)
+    return rows_NR.view(_INT_OF_WIDTH.get(x_ND.element_size(), torch.uint8))  # (N, W), W = R or R x width
+
+
 class MPICommunicator:
     """mpi4py on CPU tensors (the buffers are shared with numpy, no copies)."""
 
@@ -92,9 +105,12 @@ class MPICommunicator:
         x_ND = x_ND.contiguous()
         if x_ND.device.type != "cpu":
             raise RuntimeError("comm.backend=mpi exchanges CPU tensors; use comm.backend=torch (nccl) on GPU")
-        row = math.prod(x_ND.shape[1:])  # elements per row (works for 0 rows too)
         y_MD = _receive_buffer(x_ND, output_splits, out_MD)
-        kind = MPI._typedict[x_ND.numpy().dtype.char]  # noqa: SLF001  (mpi4py's dtype table)
+        # NOTE: the MPI buffers are integer views of x_ND's and y_MD's memory (see _as_words):
+        # the receive lands in y_MD itself, also when out_MD is a view into a larger buffer
+        send_NW, recv_MW = _as_words(x_ND), _as_words(y_MD)
+        row = send_NW.shape[1]  # words per row (works for 0 rows too)
+        kind = MPI._typedict[send_NW.numpy().dtype.char]  # noqa: SLF001  (mpi4py's dtype table)
 
         def layout(splits: list[int]) -> tuple[list[int], list[int]]:
             counts = [n * row for n in splits]
@@ -102,14 +118,20 @@ class MPICommunicator:
             return counts, displs
 
         request = self.comm.Ialltoallv(
-            [x_ND.numpy(), layout(input_splits), kind], [y_MD.numpy(), layout(output_splits), kind]
+            [send_NW.numpy(), layout(input_splits), kind], [recv_MW.numpy(), layout(output_splits), kind]
         )
         return _Pending(y_MD, request.Wait)
 
     def all_reduce_sum_(self, tensor) -> Handle:
         from mpi4py import MPI
 
-        self.comm.Allreduce(MPI.IN_PLACE, tensor.numpy(), op=MPI.SUM)
+        if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32, torch.float64):
+            # NOTE: numpy (so MPI here) cannot add bf16 or float8: sum in fp32, round once into `tensor`
+            wide = tensor.float()
+            self.comm.Allreduce(MPI.IN_PLACE, wide.numpy(), op=MPI.SUM)
+            tensor.copy_(wide)
+        else:
+            self.comm.Allreduce(MPI.IN_PLACE, tensor.numpy(), op=MPI.SUM)
         return _Pending(tensor)  # Allreduce is blocking: already done
 
 

@@ -94,6 +94,11 @@ def _validate_model(m: ModelConfig, r: RouterConfig) -> None:
     if m.num_experts > 0:
         if not 1 <= r.top_k <= m.num_experts:
             raise ConfigError(f"router.top_k ({r.top_k}) must be between 1 and model.num_experts ({m.num_experts})")
+        if r.top_k == 1 and r.renormalize:
+            raise ConfigError(
+                "router.top_k=1 with router.renormalize=true makes every routing weight 1.0, so the gate learns only "
+                "from the aux loss: set router.renormalize=false (the Switch-Transformer gate) or router.top_k >= 2"
+            )
         if r.n_groups < 1 or m.num_experts % r.n_groups:
             raise ConfigError(
                 f"model.num_experts ({m.num_experts}) must be divisible by router.n_groups ({r.n_groups})"
@@ -220,6 +225,10 @@ def validate(cfg: Config) -> Config:
     p = cfg.parallel
     _at_least_zero("parallel.dp", p.dp, "0 = the world size")
     _positive("parallel.ep", p.ep)
+    if m.num_experts == 0 and p.ep > 1:
+        raise ConfigError(
+            f"parallel.ep ({p.ep}) shards experts, but model.num_experts=0 is a dense model: use parallel.ep=1"
+        )
     if m.num_experts % p.ep:
         raise ConfigError(f"model.num_experts ({m.num_experts}) must be divisible by parallel.ep ({p.ep})")
     lc = cfg.launcher
@@ -227,6 +236,15 @@ def validate(cfg: Config) -> Config:
     pc = cfg.placement
     _at_least_zero("placement.rebalance_every", pc.rebalance_every, "0 = never")
     per_rank = m.num_experts // p.ep
+    if m.num_experts == 0 and pc.policy == "redundant":
+        raise ConfigError(
+            "placement=redundant replicates experts, but model.num_experts=0 is a dense model: use placement=contiguous"
+        )
+    if m.num_experts == 0 and pc.slots_per_rank:
+        raise ConfigError(
+            f"placement.slots_per_rank ({pc.slots_per_rank}) holds experts, but model.num_experts=0 is a dense "
+            "model: leave it 0"
+        )
     if pc.policy == "redundant" and not per_rank < pc.slots_per_rank <= m.num_experts:
         raise ConfigError(
             f"placement=redundant needs spare slots: placement.slots_per_rank ({pc.slots_per_rank}) must be in "

@@ -122,6 +122,45 @@ def test_bad_config_is_a_one_line_error_naming_the_value(overrides: list[str], e
     assert "\n" not in message
 
 
+TOP1_RENORMALISED = (
+    "router.top_k=1 with router.renormalize=true makes every routing weight 1.0, so the gate learns only from the "
+    "aux loss: set router.renormalize=false (the Switch-Transformer gate) or router.top_k >= 2"
+)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["router.top_k=1"], TOP1_RENORMALISED),  # renormalize=true is the default
+        (["router.top_k=1", "router.renormalize=true", "router=capacity"], TOP1_RENORMALISED),
+        (["model=dense_small", "parallel.ep=2"],
+         "parallel.ep (2) shards experts, but model.num_experts=0 is a dense model: use parallel.ep=1"),
+        (["model.num_experts=0", "parallel.ep=4", "launcher=torchrun", "launcher.nproc_per_node=4"],
+         "parallel.ep (4) shards experts, but model.num_experts=0 is a dense model: use parallel.ep=1"),
+        (["model=dense_small", "placement=redundant"],
+         "placement=redundant replicates experts, but model.num_experts=0 is a dense model: use placement=contiguous"),
+        (["model=dense_small", "placement.slots_per_rank=2"],
+         "placement.slots_per_rank (2) holds experts, but model.num_experts=0 is a dense model: leave it 0"),
+    ],
+)  # fmt: skip
+def test_top1_renormalised_and_dense_with_expert_parallelism_are_refused_with_the_fix(
+    overrides: list[str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides)
+    assert str(info.value) == expected
+
+
+def test_what_those_refusals_leave_open_still_validates() -> None:
+    switch = load_config(["router.top_k=1", "router.renormalize=false", "router=capacity"]).router
+    assert (switch.top_k, switch.renormalize, switch.capacity_factor) == (1, False, 1.25)
+    # a dense model ignores the router; at parallel.ep=1 the placement and dispatcher options are unused
+    dense = load_config(["model=dense_small", "router.top_k=1", "placement=balanced", "placement.rebalance_every=2",
+                         "comm.dispatcher=pipelined", "comm.chunks=auto"])  # fmt: skip
+    assert (dense.model.num_experts, dense.parallel.ep, dense.placement.policy) == (0, 1, "balanced")
+    assert load_config(["router.top_k=2"]).router.renormalize is True  # the default router is untouched
+
+
 def test_make_train_experiment_is_two_ranks_with_ep2_and_the_same_global_batch() -> None:
     cfg = load_config(["experiment=ep2_cpu"])
     assert (cfg.launcher.name, cfg.launcher.nproc_per_node, cfg.parallel.ep) == ("torchrun", 2, 2)
@@ -309,7 +348,7 @@ def test_an_unknown_key_is_refused_also_through_plus(override: str, expected: st
 
 def test_plus_plus_overrides_a_key_that_exists_and_plus_sets_an_unset_one() -> None:
     assert load_config(["++train.steps=5"]).train.steps == 5  # Hydra: ++ adds or overrides
-    assert load_config(["+train.resume=/runs/a"]).train.resume == "/runs/a"  # null counts as absent for +
+    assert load_config(["+logger.wandb_entity=team"]).logger.wandb_entity == "team"  # null counts as absent for +
     with pytest.raises(ConfigError, match=r"^comm.dispatcher='tutel' is not one of alltoall, pipelined$"):
         load_config(["++comm.dispatcher=tutel"])  # ++ still type-checks
 

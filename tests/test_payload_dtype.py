@@ -4,6 +4,7 @@ Both dispatchers (AllToAllDispatcher, PipelinedDispatcher at chunks 1 and 3), 2 
 (torch.multiprocessing): the same sharded MoE layer runs with the fp32 payload (the reference)
 and with the bf16 payload, and the outputs and gradients (input, router, local experts, shared
 experts) are compared. A recording communicator checks the dtype of every row exchange.
+tests/mpi_ep_layer.py runs the same cases with the exchanges on mpi4py (`check_payload_cases`).
 
 Tolerance, derived: bf16 keeps 8 significant bits, so rounding to it has relative error at most
 u = 2^-9 (round to nearest). A row crosses the wire at most twice per direction in forward (to its
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from epmoe.comm.communicator import TorchCommunicator
+from epmoe.comm.communicator import Communicator, TorchCommunicator
 from epmoe.comm.dispatch import AllToAllDispatcher
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.pipelined import PipelinedDispatcher
@@ -43,7 +44,7 @@ DISPATCHERS = ["all_to_all", "pipelined-1", "pipelined-3"]
 class _DtypeComm:
     """Passes exchanges through, recording each one's dtype (the counts exchange is int64)."""
 
-    def __init__(self, comm: TorchCommunicator):
+    def __init__(self, comm: Communicator):
         self.comm, self.size, self.rank = comm, comm.size, comm.rank
         self.dtypes: list[torch.dtype] = []
 
@@ -75,7 +76,14 @@ def _worker(rank: int, store: str) -> None:
     torch.set_num_threads(1)
     dims = ParallelDims(world=WORLD, dp=WORLD, ep=WORLD, num_experts=E)
     dims.build_groups(rank)
-    comm = _DtypeComm(TorchCommunicator(dims.ep_group))
+    check_payload_cases(rank, dims, TorchCommunicator(dims.ep_group))
+    dist.destroy_process_group()
+
+
+def check_payload_cases(rank: int, dims: ParallelDims, ep_comm: Communicator) -> None:
+    """Every CASE and DISPATCHER on this rank of a 2-rank EP group whose exchanges run on
+    `ep_comm` (gloo here; MPI in tests/mpi_ep_layer.py)."""
+    comm = _DtypeComm(ep_comm)
     for top_k, shared in CASES:
         cfg = ModelConfig(d_model=D, num_experts=E, expert_hidden=24, n_shared_experts=shared, shared_hidden=16,
                           expert_impl="loop")  # fmt: skip
@@ -112,7 +120,6 @@ def _worker(rank: int, store: str) -> None:
                 differs |= not torch.equal(got, want)
             assert differs, f"{case}: bf16 payload gave bit-identical results: was anything cast?"
             assert not torch.equal(low["y"], ref["y"]), f"{case}: bf16 payload left the outputs bit-identical"
-    dist.destroy_process_group()
 
 
 def test_bf16_payload_is_close_to_fp32_and_not_identical_for_both_dispatchers(tmp_path: Path) -> None:

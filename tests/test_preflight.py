@@ -113,7 +113,7 @@ def test_empty_or_unreadable_data_is_refused(tmp_path: Path) -> None:
         preflight.check(load_config([*TINY, "data=text", f"data.path={tmp_path / 'empty'}"]), tmp_path / "r", 1)
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "a.txt").write_text("")
-    with pytest.raises(DataError, match="holds no data"):
+    with pytest.raises(DataError, match=f"{tmp_path / 'blank'} holds no text"):
         preflight.check(load_config([*TINY, "data=text", f"data.path={tmp_path / 'blank'}"]), tmp_path / "r", 1)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from epmoe.config import ModelConfig, RouterConfig
 from epmoe.model.moe import MoE
-from epmoe.model.router import Router, capacity_keep_mask, group_limited_mask, load_balance_loss
+from epmoe.model.router import Router, capacity_keep_mask, expert_capacity, group_limited_mask, load_balance_loss
 
 
 def identity_router(num_experts: int, **router_kwargs) -> Router:
@@ -291,6 +291,35 @@ def test_router_capacity_is_ceil_of_factor_times_pairs_per_expert():
     assert routing.keep_TK.tolist() == [[True], [True], [False], [True]]
     assert int(routing.dropped()) == 1
     assert routing.counts_E.tolist() == [3, 1]
+
+
+@pytest.mark.parametrize(
+    ("factor", "pairs", "num_experts", "capacity"),
+    [
+        (1.1, 200, 20, 11),  # 1.1 * 200 / 20 = 11 exactly; in floats 11.000000000000002 -> 12
+        (1.1, 50, 5, 11),  # 55 / 5 = 11; in floats also just above 11
+        (1.25, 16, 4, 5),  # 1.25 * (T 8 * K 2) / 4 = 5
+        (1.0, 7, 2, 4),  # 3.5 rounds up
+        (1.1, 201, 20, 12),  # 221.1 / 20 = 11.055 rounds up
+        (2, 3, 4, 2),  # an int factor: 6 / 4 = 1.5 rounds up
+    ],
+)
+def test_router_capacity_is_ceil_of_factor_times_pairs_per_expert_in_exact_arithmetic(
+    factor: float, pairs: int, num_experts: int, capacity: int
+) -> None:
+    assert expert_capacity(factor, pairs, num_experts) == capacity
+
+
+def test_router_capacity_of_1_1_times_200_tokens_over_20_experts_is_11_slots():
+    # T = 200, K = 1, E = 20: tokens 0..11 pick e0 (12 tokens), the other 188 spread over e1..e19
+    # (at most 10 each). Capacity 11 keeps e0's first 11 and drops token 11; nothing else drops.
+    expert_T = torch.tensor([0] * 12 + [1 + t % 19 for t in range(188)])
+    router = identity_router(20, top_k=1, renormalize=False, aux_loss="none", capacity_factor=1.1)
+    routing = router(5.0 * torch.nn.functional.one_hot(expert_T, 20).float())
+    assert routing.topk_idx_TK[:, 0].tolist() == expert_T.tolist()
+    assert routing.counts_E[0].item() == 12 and routing.counts_E[1:].max().item() == 10
+    assert (~routing.keep_TK[:, 0]).nonzero().flatten().tolist() == [11]
+    assert int(routing.dropped()) == 1
 
 
 def test_capacity_large_enough_to_drop_nothing_equals_dropless():

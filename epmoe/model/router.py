@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,15 @@ def load_balance_loss(
         f_BE = rank_mean(f_BE)
     P_BE = probs_TE.view(B, S, num_experts).mean(dim=1)
     return num_experts * (f_BE * P_BE).sum(-1).mean()
+
+
+def expert_capacity(capacity_factor: float, pairs: int, num_experts: int) -> int:
+    """Slots per expert: ceil(capacity_factor * pairs / num_experts), pairs = T * K.
+
+    Exact rational arithmetic on the factor as written (repr: 1.1 is 11/10, not the binary
+    float just above it): in floats 1.1 * 200 / 20 is 11.000000000000002, whose ceil is 12.
+    """
+    return math.ceil(Fraction(repr(float(capacity_factor))) * pairs / num_experts)
 
 
 def capacity_keep_mask(
@@ -163,7 +173,7 @@ class Router(nn.Module):
 
         keep_TK = None
         if cfg.capacity_factor is not None:
-            capacity = math.ceil(cfg.capacity_factor * topk_idx_TK.numel() / E)
+            capacity = expert_capacity(cfg.capacity_factor, topk_idx_TK.numel(), E)
             # "probability" ranks pairs by their raw routing score, comparable across tokens
             # (renormalised weights are per-token shares: all 1.0 with top-1)
             keep_TK = capacity_keep_mask(topk_idx_TK, topk_scores_TK.detach(), capacity, E, cfg.drop_policy)

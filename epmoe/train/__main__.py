@@ -4,7 +4,7 @@ Examples:
     python -m epmoe.train                                   # the default small MoE run
     python -m epmoe.train model=dense_small train.steps=50
     python -m epmoe.train router=deepseek_v3 router.top_k=4 logger=wandb
-    python -m epmoe.train --multirun router.top_k=1,2,4     # a sweep, one run dir per job
+    python -m epmoe.train --multirun router.top_k=1,2,4 router.renormalize=false  # a sweep, one dir per job
     torchrun --nproc-per-node=2 -m epmoe.train parallel.ep=2 hydra.run.dir=runs/a
     deepspeed --num_gpus=2 --module epmoe.train parallel.ep=2 hydra.run.dir=runs/a
 (under several ranks, name the run dir: every rank must write to the same one; the launcher,

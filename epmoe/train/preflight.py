@@ -76,7 +76,7 @@ def _check_data(d: DataConfig) -> None:
     if unreadable:
         raise DataError(f"data.path: {unreadable[0]} is not readable ({len(unreadable)} file(s)); check permissions")
     if all(p.stat().st_size == 0 for p in files):
-        raise DataError(f"data.path {path} holds no data (every file is empty)")
+        raise DataError(f"{path} holds no {'text' if d.kind != 'bin' else 'tokens'}")  # as the readers say
 
 
 def _existing_ancestor(path: Path) -> Path:
