@@ -110,6 +110,9 @@ class FaultConfig:
 
     kill_rank: int = -1  # this rank exits abruptly (os._exit) at the start of step `at_step`; -1 = never
     at_step: int = 0  # 1-based; only on the first attempt (torchrun restarts do not repeat the drill)
+    # instead: kill_rank is SIGKILLed in the middle of saving the checkpoint of step at_step (its
+    # own shard written, the checkpoint not yet complete)
+    in_save: bool = False
     nan_at_step: int = 0  # rank 0's loss becomes NaN at this 1-based step (tests train.on_nonfinite); 0 = never
 
 

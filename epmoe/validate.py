@@ -161,6 +161,13 @@ def _validate_train(t: TrainConfig) -> None:
     f = t.fault
     if f.kill_rank >= 0 and not 1 <= f.at_step <= t.steps:
         raise ConfigError(f"train.fault.at_step ({f.at_step}) must be in [1, train.steps={t.steps}] with kill_rank")
+    if f.in_save and (
+        f.kill_rank < 0 or not (f.at_step == t.steps or (t.checkpoint_every and f.at_step % t.checkpoint_every == 0))
+    ):
+        raise ConfigError(
+            f"train.fault.in_save kills train.fault.kill_rank in the save of step train.fault.at_step ({f.at_step}), "
+            f"which saves no checkpoint (train.checkpoint_every={t.checkpoint_every}, train.steps={t.steps})"
+        )
     if not 0 <= f.nan_at_step <= t.steps:
         raise ConfigError(f"train.fault.nan_at_step ({f.nan_at_step}) must be in [0, train.steps={t.steps}]")
 

@@ -102,7 +102,8 @@ def test_resume_at_another_ep_continues_the_uninterrupted_losses(
         overrides += REPLACE
         resumed = _spawn(world, overrides, tmp_path / "run")[0]
     else:  # one process: every expert's rows come from both EP=2 shard files
-        result = train(load_config(overrides), tmp_path / "run")
+        # (the placement too is the checkpoint's unless named: one process has no spare slots)
+        result = train(load_config([*overrides, "placement=contiguous"]), tmp_path / "run")
         resumed = {"losses": result.losses, "val": result.val_loss}
     assert len(resumed["losses"]) == 10
     for step, (a, b) in enumerate(zip(ref["losses"][10:], resumed["losses"]), 11):
@@ -137,7 +138,8 @@ def test_checkpoint_with_a_pickled_object_is_refused(ep2_run: tuple[Path, dict],
                                             "bytes": (ckpt / checkpoint_files.COMMON).stat().st_size}  # fmt: skip
     (ckpt / checkpoint_files.MANIFEST).write_text(json.dumps(manifest))
     checkpoint_files.verify(ckpt)
-    cfg = load_config([*_base(corpus), "train.batch_size=4", f"train.resume={tmp_path}"])
+    cfg = load_config([*_base(corpus), "train.batch_size=4", "parallel.ep=1", "placement=contiguous",
+                       f"train.resume={tmp_path}"])  # fmt: skip
     with pytest.raises(CheckpointError, match=r"cannot load checkpoint file .*common.pt: .*[Ww]eights only"):
         train(cfg, tmp_path / "run")
 

@@ -330,7 +330,7 @@ def test_comm_chunks_refuses_anything_else_naming_the_value(value: str, expected
         ("+train.stesp=1", "unknown config key train.stesp: not a field of train (TrainConfig); did you mean "
                            "train.steps?"),
         ("+train.fault.x=1", "unknown config key train.fault.x: not a field of train.fault (FaultConfig); its keys: "
-                             "kill_rank, at_step, nan_at_step"),
+                             "kill_rank, at_step, in_save, nan_at_step"),
         ("+foo=1", "unknown config key foo: not a field of the config; its keys: model, router, data, train, logger, "
                    "parallel, placement, comm, launcher"),
         ("++foo=1", "unknown config key foo: not a field of the config; its keys: model, "),

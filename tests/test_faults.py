@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from epmoe.comm.process import PeerLostError, all_reduce_sum_, init_from_env, peer_failures_as_errors
+from epmoe.train import checkpoint_files
 
 from .conftest import REPO, TINY, free_port
 
@@ -163,11 +164,22 @@ def test_kill_a_rank_drill_restarts_resumes_and_ends_with_the_uninterrupted_loss
 
     clean = launch(tmp_path / "clean")
     drill = launch(tmp_path / "drill", "train.fault.kill_rank=1", "train.fault.at_step=13")
+    # kill -9 of a rank in the middle of a save: its shard of step 15 is on disk, the checkpoint is not complete
+    in_save = launch(
+        tmp_path / "in_save", "train.fault.kill_rank=1", "train.fault.at_step=15", "train.fault.in_save=true"
+    )
     assert clean.returncode == 0, clean.stderr[-2000:]
-    assert drill.returncode == 0, drill.stderr[-3000:]
-    assert "fault drill: rank 1 exits abruptly at step 13" in drill.stderr
-    assert "restart 1: resuming from the newest complete checkpoint" in drill.stderr
-    steps = [r["step"] for r in _records(tmp_path / "drill")]
-    assert steps == list(range(1, 21))  # steps 11-12 ran twice (the checkpoint was at 10), logged once
-    assert _records(tmp_path / "drill")[-1]["loss"] == pytest.approx(_records(tmp_path / "clean")[-1]["loss"],
-                                                                      rel=1e-5)  # fmt: skip
+    for run, name, killed in (
+        (drill, "drill", "exits abruptly at step 13"),
+        (in_save, "in_save", "is killed (SIGKILL) while saving step 15"),
+    ):
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert f"fault drill: rank 1 {killed}" in run.stderr
+        assert "restart 1: resuming from the newest complete checkpoint" in run.stderr
+        assert "resumed from step 10 of " in run.stderr  # the newest complete checkpoint
+        records = _records(tmp_path / name)
+        assert [r["step"] for r in records] == list(range(1, 21))  # the steps after 10 ran twice, logged once
+        assert records[-1]["loss"] == pytest.approx(_records(tmp_path / "clean")[-1]["loss"], rel=1e-5)
+    saved = checkpoint_files.complete_checkpoints(checkpoint_files.checkpoint_dir(tmp_path / "in_save"))
+    assert [p.name for p in saved] == [f"step_{n:08d}" for n in (5, 10, 15, 20)]  # 15 saved again after the restart
+    assert all(checkpoint_files.verify(p) for p in saved)

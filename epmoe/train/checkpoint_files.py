@@ -15,15 +15,14 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from epmoe.comm.process import all_reduce_sum_
+from epmoe.train import manifest as schema
+from epmoe.train.manifest import COMMON, FORMAT_VERSION, MANIFEST, expert_file  # noqa: F401  (re-exported)
 
-FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
-COMMON = "common.pt"
 STEP_DIR = re.compile(r"step_(\d+)$")
 
 
@@ -32,15 +31,12 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (it failed verification) in favour of an older complete one."""
+    """A checkpoint was skipped (it failed verification) in favour of an older complete one, or
+    is resumed with another data stream or source than it was saved with."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def expert_file(ep_rank: int) -> str:
-    return f"experts_rank{ep_rank}.pt"
 
 
 def fsync_dir(path: Path) -> None:
@@ -59,10 +55,37 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class _Writer:
+    """The file object torch.save writes through, keeping the OSError of a failed write.
+
+    NOTE: torch.save reports a failed write (ENOSPC, EFBIG, EIO) as a RuntimeError ("unexpected
+    pos ...") without the errno; `write_file` raises the kept OSError instead."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def write_file(path: Path, obj: Any) -> tuple[str, int]:
-    """torch.save `obj` to `path` and fsync it; returns (sha256 hex, bytes) of what is on disk."""
+    """torch.save `obj` to `path` and fsync it; returns (sha256 hex, bytes) of what is on disk.
+    A failed write raises its OSError (with the errno)."""
     with path.open("wb") as f:
-        torch.save(obj, f)
+        out = _Writer(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
     return sha256(path), path.stat().st_size
@@ -99,6 +122,9 @@ def latest(path: Path) -> Path:
 
 
 def read_manifest(ckpt: Path) -> dict:
+    """The manifest of `ckpt`, checked against its schema (epmoe/train/manifest.py): a manifest
+    that is unreadable, of another format version, or fails the schema is a CheckpointError
+    naming the file and its first problem."""
     path = Path(ckpt) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -106,6 +132,11 @@ def read_manifest(ckpt: Path) -> dict:
         raise CheckpointError(f"cannot read {path}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not an epmoe checkpoint manifest of format version {FORMAT_VERSION}")
+    dir_step = m.group(1) if (m := STEP_DIR.search(Path(ckpt).name)) else None
+    try:
+        schema.check(manifest, None if dir_step is None else int(dir_step))
+    except schema.ManifestError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return manifest
 
 

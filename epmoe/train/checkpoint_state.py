@@ -1,9 +1,11 @@
 """Sharded checkpoints: written atomically by every rank, verified by checksum, resharded on load.
 
 Layout of one checkpoint, `<run_dir>/checkpoints/step_<N>/` (N zero-padded to 8 digits):
-  manifest.json       format version, step, config, degrees (world, ep, dp), the placement
-                      (expert_of_slot_YS), the data position, and every file's sha256 and size;
-                      written last: a directory with a manifest is complete
+  manifest.json       format version, step, config, the architecture fingerprint, degrees
+                      (world, ep, dp), the placement (expert_of_slot_YS), the data position and
+                      the data source's fingerprint, and every file's sha256 and size; written
+                      last: a directory with a manifest is complete. Its schema, and what a
+                      resume compares against it, is epmoe/train/manifest.py
   common.pt           (rank 0) the non-expert model state (router balancing biases included),
                       the non-expert optimizer state, the LR schedule, the torch RNG state and,
                       under online re-placement, the routing-statistics window summed over ranks
@@ -19,21 +21,28 @@ The files themselves (names, fsynced writes, checksums, finding, verifying and p
 checkpoints) are checkpoint_files.py.
 
 A save (a collective: every rank calls it at the same step):
-1. rank 0 creates `step_<N>.tmp/`; barrier;
+1. rank 0 creates `step_<N>.tmp/` and fingerprints the data source; barrier;
 2. EP ranks of replica 0 write their expert file, rank 0 common.pt; each file is fsynced and hashed;
 3. one all-reduce gathers the hashes (and is the barrier: every shard is on disk);
 4. rank 0 writes the manifest, renames the directory to `step_<N>/`, fsyncs the parent, and
    prunes the oldest complete checkpoints beyond `keep`; barrier.
+Each barrier and the all-reduce also carry the errno of a failed write (disk full), so every rank
+learns of it in the collective it is already in: rank 0 removes `step_<N>.tmp/`, every rank raises
+the same CheckpointError, and the older checkpoints stay as they were.
+
+A restore refuses a checkpoint of another architecture before it reads a tensor, and warns
+(CheckpointWarning) when the data stream or the data source differs from the saved one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
-import time
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,11 +56,11 @@ from epmoe.model.moe import named_moe_layers
 from epmoe.placement.placement import Placement, RoutingStats
 from epmoe.train.checkpoint_files import (
     COMMON,
-    FORMAT_VERSION,
     MANIFEST,
     CheckpointError,
     CheckpointWarning,
     checkpoint_dir,
+    complete_checkpoints,
     expert_file,
     fsync_dir,
     load_file,
@@ -60,6 +69,8 @@ from epmoe.train.checkpoint_files import (
     verify,
     write_file,
 )
+from epmoe.train.data import fingerprint
+from epmoe.train.manifest import architecture, architecture_differences, build, data_source_changes
 
 
 def _expert_params(model: nn.Module) -> dict[str, tuple[int, str]]:
@@ -76,10 +87,6 @@ def _identity_placement(num_layers: int, num_experts: int) -> Placement | None:
     if num_layers == 0:
         return None
     return Placement(torch.arange(num_experts).repeat(num_layers, 1), 1, num_experts, "contiguous")
-
-
-def _barrier() -> None:
-    all_reduce_sum_(torch.zeros(1))
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -137,6 +144,17 @@ def _common_state(model, optimizer, scheduler, routing_window: RoutingStats | No
     return state
 
 
+def _not_saved(final: Path, errno_: int, doing: str) -> CheckpointError:
+    """The one-line error of a save that failed on some rank, naming what stays usable."""
+    previous = complete_checkpoints(final.parent)
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no previous checkpoint"
+    return CheckpointError(f"checkpoint {final.name} not saved: {os.strerror(errno_)} {doing}; {kept}")
+
+
+def _errno(e: OSError) -> int:
+    return e.errno or errno.EIO
+
+
 def save(
     run_dir: Path,
     step: int,
@@ -150,85 +168,101 @@ def save(
     placement: Placement | None,
     routing_window: RoutingStats | None = None,
     keep: int = 0,
+    shard_written: Callable[[], None] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` (collective: every rank calls it); returns its directory.
 
     placement: the installed placement (None: every expert local, ep 1). routing_window: this
     rank's routing counts since the last re-placement (summed over ranks here), or None.
     keep: keep the newest `keep` complete checkpoints (0 = all), pruned after this one is complete.
+    shard_written: called once this rank's files are written, before the checkpoint is complete
+    (the fault drill train.fault.in_save kills the rank there).
+    An OSError on any rank's write (disk full, file too large, I/O error) reaches every rank
+    through the save's own collectives: rank 0 removes `step_<N>.tmp/` and every rank raises the
+    same one-line CheckpointError; the older checkpoints are untouched.
     """
     folder = checkpoint_dir(run_dir)
     final, tmp = folder / f"step_{step:08d}", folder / f"step_{step:08d}.tmp"
     main, ep = rank == 0, dims.ep
-    placement = placement or _identity_placement(len(named_moe_layers(model)), dims.num_experts)
+    layers = named_moe_layers(model)
+    placement = placement or _identity_placement(len(layers), dims.num_experts)
+    # NOTE: each barrier below is an all-reduce carrying rank 0's errno (0: fine), so a failure
+    # costs no collective of its own and no rank is left waiting in one
+    started_2 = torch.zeros(2, dtype=torch.int64)  # errno, what failed (0: creating tmp, 1: reading the data)
+    data_source: dict = {}
     if main:
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("step_*.tmp"):  # left by a crash: never complete
-            shutil.rmtree(stale)
-        tmp.mkdir()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.glob("step_*.tmp"):  # left by a crash: never complete
+                shutil.rmtree(stale)
+            tmp.mkdir()
+            started_2[1] = 1
+            data_source = fingerprint(cfg.data)
+        except OSError as e:
+            started_2[0] = _errno(e)
     if routing_window is not None:  # collective: the window's counts over all ranks
         load_YE, cooc_YEE = routing_window.load_YE.clone(), routing_window.cooc_YEE.clone()
         routing_window = RoutingStats(all_reduce_sum_(load_YE), all_reduce_sum_(cooc_YEE))
-    _barrier()  # the temporary directory exists before anyone writes into it
+    all_reduce_sum_(started_2)  # the barrier: the temporary directory exists before anyone writes into it
+    if errno_ := int(started_2[0]):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        doing = f"reading the data source {cfg.data.path or 'stdlib'}" if int(started_2[1]) else f"creating {tmp}"
+        raise _not_saved(final, errno_, doing)
 
-    # one row per EP rank: 32 sha256 bytes, then the size; the all-reduce gathers them on every rank
-    digests_R33 = torch.zeros(ep, 33, dtype=torch.int64)
+    # one row per file (the EP ranks' expert files, then common.pt): 32 sha256 bytes, the size,
+    # and the errno of a failed write (0: written); the all-reduce gathers them on every rank
+    names = [expert_file(r) for r in range(ep)] + [COMMON]
+    report_F34 = torch.zeros(ep + 1, 34, dtype=torch.int64)
+
+    def write(row: int, state_of) -> None:
+        try:
+            sha, size = write_file(tmp / names[row], state_of())
+            report_F34[row, :32] = torch.tensor(list(bytes.fromhex(sha)))
+            report_F34[row, 32] = size
+        except OSError as e:
+            report_F34[row, 33] = _errno(e)
+
     if rank < ep and placement is not None:  # expert-DP replica 0 (rank = dp_index * ep + ep_index)
-        sha, size = write_file(tmp / expert_file(rank), _expert_state(model, optimizer, placement, rank))
-        digests_R33[rank, :32] = torch.tensor(list(bytes.fromhex(sha)))
-        digests_R33[rank, 32] = size
-    if main:
-        common = write_file(tmp / COMMON, _common_state(model, optimizer, scheduler, routing_window))
-    all_reduce_sum_(digests_R33)  # NOTE: also the barrier: every shard is on disk after it
+        write(rank, lambda: _expert_state(model, optimizer, placement, rank))
+    if main and not report_F34[:, 33].any():
+        write(ep, lambda: _common_state(model, optimizer, scheduler, routing_window))
+    if shard_written is not None:
+        shard_written()
+    all_reduce_sum_(report_F34)  # NOTE: also the barrier: every shard is on disk after it
+    if failed := report_F34[:, 33].nonzero().flatten().tolist():
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _not_saved(final, int(report_F34[failed[0], 33]), f"writing {names[failed[0]]}")
 
+    done_1 = torch.zeros(1, dtype=torch.int64)  # rank 0's errno writing the manifest
     if main:
-        files = {COMMON: {"sha256": common[0], "bytes": common[1]}}
-        expert_files = [expert_file(r) for r in range(ep)] if placement is not None else []
-        for r, name in enumerate(expert_files):
-            files[name] = {"sha256": bytes(digests_R33[r, :32].tolist()).hex(), "bytes": int(digests_R33[r, 32])}
-        t = cfg.train
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "world": dims.world,
-            "ep": ep,
-            "dp": dims.dp,
-            "num_experts": dims.num_experts,
-            "moe_layers": [name for name, _ in named_moe_layers(model)],
-            "expert_weights": sorted(
-                {w for _, w in _expert_params(model).values()}, key=GroupedExperts.WEIGHT_NAMES.index
-            ),  # fmt: skip
-            "placement": None
-            if placement is None
-            else {
-                "expert_of_slot_YS": placement.expert_of_slot_YS.tolist(),
-                "ep": placement.ep,
-                "origin": placement.origin,
-            },
-            "expert_files": expert_files,
-            # the data stream is a pure function of (seed, micro, step, global batch): see sample_batch
-            "data": {
-                "next_step": step,
-                "seed": t.seed,
-                "global_batch": t.batch_size * dims.world,
-                "grad_accum": t.grad_accum,
-            },
-            "files": files,
-            "config": asdict(cfg),
-            "torch": torch.__version__,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        files = {
+            name: {"sha256": bytes(report_F34[row, :32].tolist()).hex(), "bytes": int(report_F34[row, 32])}
+            for row, name in enumerate(names)
+            if name == COMMON or placement is not None
         }
-        with (tmp / MANIFEST).open("w") as f:
-            json.dump(manifest, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if final.exists():  # a rerun reaching the same step: the new one wins
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(folder)  # make the rename itself durable
-        prune(folder, keep)
-    _barrier()  # every rank returns once the checkpoint is complete
+        weights = sorted({w for _, w in _expert_params(model).values()}, key=GroupedExperts.WEIGHT_NAMES.index)
+        layer_names = [name for name, _ in layers]
+        record = build(step, cfg, dims, layer_names, weights, placement, files, data_source)
+        try:
+            with (tmp / MANIFEST).open("w") as f:
+                json.dump(record, f, indent=1, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+        except OSError as e:
+            done_1[0] = _errno(e)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            if final.exists():  # a rerun reaching the same step: the new one wins
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(folder)  # make the rename itself durable
+            prune(folder, keep)
+    all_reduce_sum_(done_1)  # the barrier: every rank returns once the checkpoint is complete
+    if errno_ := int(done_1[0]):
+        raise _not_saved(final, errno_, f"writing {MANIFEST}")
     return final
 
 
@@ -296,9 +330,18 @@ def restore(
     one installed (None: every expert local). keep_saved_placement: where the saved placement
     has this run's ep, load its experts instead; online re-placement wants that. The caller points
     the dispatchers at the returned placement (`Parallel.apply_placement`).
+    Raises CheckpointError, before reading a tensor, when `cfg` has another architecture than the
+    checkpoint (manifest.ARCHITECTURE); warns (CheckpointWarning, rank 0 for the source) when the
+    data stream or the data source differ from the saved ones.
     """
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
+    # before any tensor is read: another architecture may load without a shape error (n_heads)
+    if differences := architecture_differences(manifest["architecture"], architecture(cfg)):
+        raise CheckpointError(
+            f"{ckpt}: the checkpoint's architecture differs from this run's: {', '.join(differences)}; "
+            "resume with the checkpoint's config (drop those overrides)"
+        )
     layers = named_moe_layers(model)
     if manifest["moe_layers"] != [n for n, _ in layers] or manifest["num_experts"] != dims.num_experts:
         raise CheckpointError(
@@ -359,6 +402,13 @@ def restore(
         warnings.warn(
             f"resuming {ckpt} with another data stream than it was saved with: {changed} "
             "(saved, now); losses will not continue those of the saved run",
+            CheckpointWarning,
+            stacklevel=2,
+        )
+    if rank == 0 and (changes := data_source_changes(data["source"], fingerprint(cfg.data))):
+        warnings.warn(
+            f"resuming {ckpt} on a changed data source: {'; '.join(changes)}; the batches will not be those of "
+            "the saved run",
             CheckpointWarning,
             stacklevel=2,
         )

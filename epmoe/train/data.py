@@ -15,6 +15,7 @@ Shape key: B sequences, S sequence length.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sysconfig
 import zlib
@@ -73,10 +74,14 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def _stdlib_files(root: Path) -> list[Path]:
+    """The files `stdlib` reads: the standard library's `.py` files, site-packages left out."""
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+
+
 def _read_stdlib() -> list[tuple[str, bytes]]:
     root = stdlib_root()
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
-    return [(str(p.relative_to(root)), p.read_bytes()) for p in files]
+    return [(str(p.relative_to(root)), p.read_bytes()) for p in _stdlib_files(root)]
 
 
 def _read_bytes(p: Path) -> bytes:
@@ -86,9 +91,14 @@ def _read_bytes(p: Path) -> bytes:
         raise DataError(f"{p} cannot be read ({e.strerror or e})") from None
 
 
+def _text_files(path: Path) -> list[Path]:
+    """The files `text` reads: `path` itself, or every file under the folder `path`."""
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
 def _read_text(path: Path) -> list[tuple[str, bytes]]:
     try:
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        files = _text_files(path)
     except OSError as e:
         raise DataError(f"data.path {path} cannot be listed ({e.strerror or e})") from None
     if not files:
@@ -150,6 +160,41 @@ def check_source(cfg: DataConfig) -> Path | None:
                 f"{path} has {size} bytes, an odd number: data.kind=bin reads uint16 token ids (2 bytes each)"
             )
     return path
+
+
+# a file's content hash covers its first and last FINGERPRINT_ENDS bytes (all of a file of at most
+# twice that): cheap on a large corpus, and size plus mtime_ns stand in for the middle
+FINGERPRINT_ENDS = 1 << 20
+
+
+def _head_tail_sha256(p: Path, size: int) -> str:
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        h.update(f.read(FINGERPRINT_ENDS))
+        if size > 2 * FINGERPRINT_ENDS:
+            f.seek(size - FINGERPRINT_ENDS)
+        h.update(f.read(FINGERPRINT_ENDS))
+    return h.hexdigest()
+
+
+def fingerprint(cfg: DataConfig) -> dict:
+    """What the configured source reads, cheaply: {"kind", "path" (absolute; the standard
+    library's root for stdlib), "files": {name relative to path: {"bytes", "mtime_ns",
+    "sha256_ends"}}}, with `sha256_ends` over the file's first and last FINGERPRINT_ENDS bytes.
+    A checkpoint records it so that a resume on other data is noticed. An unreadable file
+    raises OSError (a save reports it in one line)."""
+    if cfg.kind == "stdlib":
+        root, files = stdlib_root(), _stdlib_files(stdlib_root())
+    else:
+        root = Path(cfg.path).expanduser().resolve()
+        files = _text_files(root) if cfg.kind == "text" else [root]
+    out = {}
+    for p in files:
+        stat = p.stat()
+        name = str(p.relative_to(root)) if root.is_dir() else p.name
+        sha = _head_tail_sha256(p, stat.st_size)
+        out[name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_ends": sha}
+    return {"kind": str(cfg.kind), "path": str(root), "files": out}
 
 
 def _check_windows(train: torch.Tensor, val: torch.Tensor, seq_len: int, what: str) -> None:

@@ -13,6 +13,7 @@ A hook sees the trainer at fixed points of its loop; the loop has no branch for 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from epmoe.comm.process import RankInfo
 from epmoe.config import Config
 from epmoe.parallel.parallelize import Parallel
 from epmoe.parallel.timing import step_timing
@@ -64,14 +66,29 @@ class Hook:
 
 
 class FaultDrill(Hook):
-    """train.fault.kill_rank / at_step: this rank exits abruptly at the start of that step, on the
-    job's first attempt only (a torchrun restart does not repeat the drill)."""
+    """train.fault.kill_rank / at_step: this rank exits abruptly at the start of that step (or,
+    with train.fault.in_save, is SIGKILLed in the middle of that step's checkpoint), on the job's
+    first attempt only (a torchrun restart does not repeat the drill)."""
 
     def before_step(self, trainer: Trainer, step: int) -> None:
         fault, info = trainer.cfg.train.fault, trainer.par.info
-        if fault.kill_rank == info.rank and fault.at_step == step + 1 and info.restart == 0:
+        if fault.kill_rank == info.rank and fault.at_step == step + 1 and info.restart == 0 and not fault.in_save:
             print(f"fault drill: rank {info.rank} exits abruptly at step {step + 1}", file=sys.stderr)
             os._exit(17)  # no cleanup, no checkpoint: as if the process had been killed
+
+    @staticmethod
+    def in_save(cfg: Config, info: RankInfo, step: int) -> Callable[[], None] | None:
+        """The save's `shard_written` callback for the checkpoint of `step`: SIGKILL, where drilled."""
+        fault = cfg.train.fault
+        if not (fault.in_save and fault.kill_rank == info.rank and fault.at_step == step and info.restart == 0):
+            return None
+
+        def kill() -> None:
+            print(f"fault drill: rank {info.rank} is killed (SIGKILL) while saving step {step}", file=sys.stderr)
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        return kill
 
 
 class ChunkTuning(Hook):

@@ -38,7 +38,7 @@ from epmoe.parallel.timing import run_summary
 from epmoe.train import checkpoint_files, checkpoint_state, preflight
 from epmoe.train.data import TokenSplits, load_splits
 from epmoe.train.engine import Engine, NativeEngine, autocast
-from epmoe.train.hooks import build_hooks, routing_callback
+from epmoe.train.hooks import FaultDrill, build_hooks, routing_callback
 from epmoe.train.loggers import Loggers
 from epmoe.train.plots import plot_run
 from epmoe.train.routing_stats import RoutingCounts, RoutingTrace
@@ -193,7 +193,8 @@ class Trainer:
                                      cfg=self.cfg, rank=self.par.info.rank, dims=self.par.dims,
                                      placement=self.par.placement,
                                      routing_window=self.counts.local if self.counts is not None else None,
-                                     keep=self.cfg.train.keep_checkpoints)  # fmt: skip
+                                     keep=self.cfg.train.keep_checkpoints,
+                                     shard_written=FaultDrill.in_save(self.cfg, self.par.info, step))  # fmt: skip
 
     # -- 3. step and evaluate --------------------------------------------------------------------
 
