@@ -9,6 +9,7 @@ import datetime
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+from torch.distributed import TCPStore
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,12 @@ def restart_count() -> int:
     """How often this job was restarted: by torchrun (TORCHELASTIC_RESTART_COUNT) or by a Slurm
     requeue (SLURM_RESTART_COUNT). A restarted job continues from its run's newest checkpoint."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) + int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def launched_rank() -> int:
+    """This process's rank as its launcher set it (RANK, or MPI's), before any process group."""
+    _map_mpi_env()
+    return int(os.environ.get("RANK") or 0)
 
 
 def ranks_on_this_node() -> int:
@@ -102,6 +110,20 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> RankInfo:
         else:
             dist.init_process_group(backend, timeout=timeout)
     return RankInfo(dist.get_rank(), dist.get_world_size(), restart)
+
+
+def bound_store(addr: str, port: int = 0, read_timeout_s: float = 60.0) -> TCPStore:
+    """A TCPStore server listening on `addr` only (port 0: one the kernel picks), for the
+    launcher's rendezvous (launch/torchrun.py).
+
+    NOTE: TCPStore binds the wildcard address whatever host it is given; a socket bound by the
+    caller (`master_listen_fd`) is the one way to keep it to one interface."""
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted job can take its port again
+    sock.bind((addr, port))
+    sock.listen(128)
+    return TCPStore(addr, sock.getsockname()[1], is_master=True, multi_tenant=True, wait_for_workers=False,
+                    timeout=datetime.timedelta(seconds=read_timeout_s), master_listen_fd=sock.detach())  # fmt: skip
 
 
 def ensure_process_group() -> None:

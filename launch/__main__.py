@@ -1,64 +1,125 @@
 """`python -m epmoe.launch <hydra overrides>` (console script `epmoe-launch`): start the ranks.
 
-1. compose and validate the config once, here (`check`): bad values, impossible degrees
-   (checked against the world this launch will make) and missing data fail with one line and
-   exit code 2, before any rank starts;
-2. fix one run directory for every rank (`hydra.run.dir`, or outputs/<date>/<time>);
-3. start the ranks: `launcher=torchrun` runs torchrun and passes its exit code on;
-   `launcher=deepspeed` runs the DeepSpeed runner (this node, or a hostfile's hosts);
-   `launcher=mpirun` runs the venv's mpiexec on this node;
+1. fix one run directory for every rank (`hydra.run.dir`, quoted or not, parsed as Hydra
+   parses it; else outputs/<date>/<time>);
+2. compose and validate the config once, here (`check`): bad values, impossible degrees
+   (checked against the world this launch will make), values that would add a line to a
+   Slurm script, and what `epmoe.train.preflight.check` finds on this machine (data, resume
+   target, run directory, disk, memory, threads) fail with one line and exit code 2, before
+   any rank starts and before the run directory is created;
+3. start the ranks: `launcher=torchrun` runs torchrun (`python -m epmoe.launch.torchrun`: one
+   node's rendezvous on 127.0.0.1 only, SIGUSR1 forwarded to the ranks, the ranks' exit
+   statuses passed on); `launcher=deepspeed` runs the DeepSpeed runner (this node, or a
+   hostfile's hosts); `launcher=mpirun` runs the venv's mpiexec on this node;
    `launcher=slurm` writes <run dir>/launch.sbatch and prints it (or submits it with
-   launcher.submit=true); `launcher=local` runs one process in place.
+   launcher.submit=true); `launcher=local` runs one process.
+
+Signals (epmoe/launch/supervise.py): SIGINT, SIGTERM, SIGUSR1 and SIGHUP sent to the launcher
+are forwarded, once, to its child (which runs in its own process group, so Ctrl-C in a
+terminal is not delivered twice); the ranks save a checkpoint on SIGTERM / SIGUSR1 and stop. A
+job not gone launcher.shutdown_timeout_s (+30 s) after the signal is SIGKILLed, its whole
+process tree. The child dies with a SIGKILLed launcher (PR_SET_PDEATHSIG), and processes the
+child leaves behind are ended before the launcher exits: no orphans.
+
+Exit statuses (epmoe/exit_codes.py): 0 the job finished; 2 the user's input cannot work (one
+line "error: ..." on stderr, from this check or from the ranks); 75 the job was stopped by a
+signal after every rank saved a complete checkpoint (run the same command to continue); 1 the
+job failed otherwise; 128 + N the job was ended by signal N without a checkpoint.
 """
 
 from __future__ import annotations
 
 import datetime
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 
 from epmoe.comm.parallel_dims import ParallelConfigError, ParallelDims
 from epmoe.config import Config, ConfigError
+from epmoe.exit_codes import EXIT_USAGE
 from epmoe.launch.commands import (
     DEFAULT_PORT,
     deepspeed_command,
     free_port,
     mpirun_command,
     read_hostfile,
+    refuse_control_characters,
+    refuse_unquotable,
+    run_dir_override,
     sbatch_script,
     torchrun_command,
 )
+from epmoe.launch.supervise import run
+from epmoe.train import preflight
+from epmoe.train.checkpoint_files import CheckpointError
 from epmoe.train.cli import load_config
 from epmoe.train.data import DataError, check_source
 
-EXIT_USAGE = 2
-LAUNCH_ERRORS = (ConfigError, ParallelConfigError, DataError)  # one line each: the user's input cannot work
+# one line each: the user's input cannot work
+LAUNCH_ERRORS = (ConfigError, ParallelConfigError, DataError, CheckpointError)
+RUN_DIR_KEY = "hydra.run.dir"
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+def _fail(message: str) -> NoReturn:
+    print("error: " + message.replace("\n", "\\n"), file=sys.stderr)  # one line, whatever a value holds
     sys.exit(EXIT_USAGE)
 
 
 def _run_dir(overrides: list[str]) -> tuple[Path, list[str]]:
-    """The run directory named by hydra.run.dir=, else a new timestamped one; overrides without it."""
-    rest = [o for o in overrides if not o.startswith("hydra.run.dir=")]
-    named = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    """The run directory named by hydra.run.dir=, else a new timestamped one; overrides without it.
+
+    The value is read as Hydra reads it (OverridesParser): `hydra.run.dir='/a b'` names `/a b`,
+    not a folder whose name starts with a quote. Raises ConfigError for a value Hydra rejects."""
+    rest, named = [], []
+    for text in overrides:
+        if not text.startswith(f"{RUN_DIR_KEY}="):
+            rest.append(text)
+            continue
+        try:
+            value = OverridesParser.create().parse_override(text).value()
+        except HydraException as e:
+            raise ConfigError(f"{text!r} is not an override Hydra can parse ({str(e).splitlines()[0]}); "
+                              f"quote the path: {RUN_DIR_KEY}='<path>'") from None  # fmt: skip
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{text} does not name a directory; pass {RUN_DIR_KEY}=<path>")
+        named.append(value)
     if named:
         return Path(named[-1]).resolve(), rest
     return Path("outputs", datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve(), rest
 
 
-def check(overrides: list[str]) -> tuple[Config, int]:
+def _refuse_unsafe_shell_values(cfg: Config, overrides: list[str], run_dir: Path) -> None:
+    """What the Slurm script and DeepSpeed's ssh line would carry must not add a command."""
+    lc = cfg.launcher
+    texts = {f"override {i + 1}": o for i, o in enumerate(overrides) if not o.startswith(f"{RUN_DIR_KEY}=")}
+    texts[RUN_DIR_KEY] = str(run_dir)
+    if lc.name == "slurm":
+        setup = {f"launcher.setup[{i}]": line for i, line in enumerate(lc.setup)}
+        refuse_control_characters(
+            {"launcher.partition": lc.partition or "", "launcher.time_limit": lc.time_limit, **setup, **texts}
+        )
+    if lc.name == "deepspeed" and lc.nnodes > 1:
+        refuse_unquotable(texts)
+
+
+def check(overrides: list[str], run_dir: Path | None = None) -> tuple[Config, int]:
     """Compose and validate the config for this launch; return it and the world size it makes.
 
     Raises one of LAUNCH_ERRORS with a one-line message for anything that cannot work: bad
-    values, degrees that do not fit the world, a missing launcher package or hostfile, a data
-    path that is not there (checked here unless the ranks run elsewhere, under Slurm).
+    values, degrees that do not fit the world, a missing launcher package or hostfile, values
+    that would inject lines into a shell script, and what `preflight.check` finds for the run
+    directory `run_dir` (default: the one the overrides name) on this machine: data, resume
+    target, disk, memory, threads (not under Slurm: the ranks run elsewhere). Creates nothing.
     """
+    if run_dir is None:
+        run_dir = _run_dir(overrides)[0]
     cfg = load_config(overrides)
     lc = cfg.launcher
     if lc.name == "local" and lc.nproc_per_node * lc.nnodes > 1:
@@ -78,24 +139,36 @@ def check(overrides: list[str]) -> tuple[Config, int]:
                 read_hostfile(Path(lc.hostfile), lc.nnodes, lc.nproc_per_node)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+    _refuse_unsafe_shell_values(cfg, overrides, run_dir)
     if lc.name != "slurm":
         check_source(cfg.data)
+        preflight.check(cfg, run_dir, lc.nproc_per_node if lc.name != "local" else 1)
     return cfg, world
+
+
+def _child_env(cfg: Config) -> dict[str, str] | None:
+    """The ranks' environment: on one node, gloo's sockets on loopback too (GLOO_SOCKET_IFNAME,
+    torch.distributed's documented choice of interface) unless the user chose an interface."""
+    lc = cfg.launcher
+    one_node = lc.name != "local" and lc.nnodes == 1
+    if not one_node or "GLOO_SOCKET_IFNAME" in os.environ or not Path("/sys/class/net/lo").exists():
+        return None
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
 
 
 def main(argv: list[str] | None = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg, world = check(overrides)
+        run_dir, rank_overrides = _run_dir(overrides)
+        cfg, world = check(overrides, run_dir)
     except LAUNCH_ERRORS as e:
         _fail(str(e))
     lc = cfg.launcher
-    run_dir, rank_overrides = _run_dir(overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     if lc.name == "slurm":
         script = run_dir / "launch.sbatch"
-        script.write_text(sbatch_script(lc, rank_overrides, run_dir))
+        script.write_text(sbatch_script(lc, rank_overrides, run_dir, threads=cfg.train.threads))
         print(f"wrote {script}")
         if not lc.submit:
             print(script.read_text(), end="")
@@ -104,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             _fail("launcher.submit=true but sbatch is not on PATH; submit the script on the cluster")
         sys.exit(subprocess.call(["sbatch", str(script)]))
     if lc.name == "local":
-        cmd = [sys.executable, "-m", "epmoe.train", *rank_overrides, f"hydra.run.dir={run_dir}"]
+        cmd = [sys.executable, "-m", "epmoe.train", *rank_overrides, run_dir_override(run_dir)]
     elif lc.name == "mpirun":
         cmd = mpirun_command(lc, rank_overrides, run_dir, lc.master_port or free_port())
     elif lc.name == "deepspeed":
@@ -114,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd = torchrun_command(lc, rank_overrides, run_dir)
     if lc.name != "local":  # one rank in place says all itself: its stderr stays the rank's own
         print(f"epmoe.launch: {world} rank(s), run dir {run_dir}", file=sys.stderr)
-    sys.exit(subprocess.call(cmd))
+    sys.exit(run(cmd, lc.shutdown_timeout_s, _child_env(cfg)))
 
 
 if __name__ == "__main__":

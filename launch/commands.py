@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import socket
 import sys
 from pathlib import Path
 
-from epmoe.config import LauncherConfig
+from epmoe.config import ConfigError, LauncherConfig
+from epmoe.exit_codes import EXIT_PREEMPTED
 
 DEFAULT_PORT = 29500  # torch.distributed's and DeepSpeed's default master port
+
+
+def run_dir_override(run_dir: Path) -> str:
+    """`hydra.run.dir=<run_dir>` as the ranks' Hydra will read it back: a path with characters
+    Hydra's override grammar gives a meaning to (spaces, quotes, commas, brackets) is quoted,
+    with its quotes and trailing backslashes escaped as Hydra's quoted strings expect."""
+    text = str(run_dir)
+    if re.fullmatch(r"[\w/.@%+:-]+", text):
+        return f"hydra.run.dir={text}"
+    body = text.replace("'", "\\'")
+    stripped = body.rstrip("\\")
+    trailing = "\\\\" * (len(body) - len(stripped))  # each trailing backslash doubled
+    return f"hydra.run.dir='{stripped}{trailing}'"
 
 
 def free_port() -> int:
@@ -19,15 +34,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# torchrun forwards these to the ranks (its default list lacks SIGUSR1, Slurm's warning signal)
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def torchrun_prefix(lc: LauncherConfig, python: str = sys.executable) -> list[str]:
+    """`python -m epmoe.launch.torchrun` (torchrun with the ranks' exit statuses, see there) with
+    the options every launch uses: ranks per node, signals, the ranks' time to save, restarts."""
+    return [python, "-m", "epmoe.launch.torchrun", f"--nproc-per-node={lc.nproc_per_node}",
+            f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={lc.shutdown_timeout_s}",
+            f"--max-restarts={lc.max_restarts}"]  # fmt: skip
+
+
 def torchrun_command(
     lc: LauncherConfig, overrides: list[str], run_dir: Path, python: str = sys.executable
 ) -> list[str]:
-    """`python -m torch.distributed.run ... -m epmoe.train <overrides> hydra.run.dir=<run_dir>`."""
-    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={lc.nproc_per_node}"]
+    """torchrun (`torchrun_prefix`) ... `-m epmoe.train <overrides> hydra.run.dir=<run_dir>`.
+
+    One node: the rendezvous and the ranks' store listen on 127.0.0.1 only (the epmoe-bound
+    backend of epmoe/launch/torchrun.py; `--standalone` would listen on every interface).
+    Several nodes with launcher.local_addr: on that address only; without it, torch's c10d
+    backend (every interface: there is no address to choose)."""
+    cmd = torchrun_prefix(lc, python)
     if lc.nnodes == 1:
-        cmd.append("--standalone")
+        cmd += ["--nnodes=1", "--rdzv-backend=epmoe-bound", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1"]
     elif lc.rdzv_endpoint:
-        cmd += [f"--nnodes={lc.nnodes}", f"--node-rank={lc.node_rank}", "--rdzv-backend=c10d",
+        cmd += [f"--nnodes={lc.nnodes}", f"--node-rank={lc.node_rank}",
+                f"--rdzv-backend={'epmoe-bound' if lc.local_addr else 'c10d'}",
                 f"--rdzv-endpoint={lc.rdzv_endpoint}"]  # fmt: skip
         if lc.local_addr:
             # NOTE: torchrun finds the store's host by resolving its own hostname, which fails
@@ -37,8 +70,7 @@ def torchrun_command(
     else:  # static rendezvous at node 0
         cmd += [f"--nnodes={lc.nnodes}", f"--node-rank={lc.node_rank}", f"--master-addr={lc.master_addr}",
                 f"--master-port={lc.master_port or DEFAULT_PORT}"]  # fmt: skip
-    cmd += [f"--max-restarts={lc.max_restarts}", "-m", "epmoe.train", *overrides, f"hydra.run.dir={run_dir}"]
-    return cmd
+    return [*cmd, "-m", "epmoe.train", *overrides, run_dir_override(run_dir)]
 
 
 def mpirun_command(lc: LauncherConfig, overrides: list[str], run_dir: Path, master_port: int,
@@ -47,7 +79,7 @@ def mpirun_command(lc: LauncherConfig, overrides: list[str], run_dir: Path, mast
     ranks map MPI's rank variables onto torch.distributed's and meet at MASTER_ADDR:PORT."""
     mpiexec = str(Path(python).parent / "mpiexec")
     return [mpiexec, "-n", str(lc.nproc_per_node), "-genv", "MASTER_ADDR", "127.0.0.1", "-genv", "MASTER_PORT",
-            str(master_port), python, "-m", "epmoe.train", *overrides, f"hydra.run.dir={run_dir}"]  # fmt: skip
+            str(master_port), python, "-m", "epmoe.train", *overrides, run_dir_override(run_dir)]  # fmt: skip
 
 
 def deepspeed_command(lc: LauncherConfig, overrides: list[str], run_dir: Path, master_port: int,
@@ -67,7 +99,7 @@ def deepspeed_command(lc: LauncherConfig, overrides: list[str], run_dir: Path, m
             master_addr = master_addr or "127.0.0.1"
     if master_addr:
         cmd.append(f"--master_addr={master_addr}")
-    return [*cmd, "--module", "epmoe.train", *overrides, f"hydra.run.dir={run_dir}"]
+    return [*cmd, "--module", "epmoe.train", *overrides, run_dir_override(run_dir)]
 
 
 def read_hostfile(path: Path, nnodes: int, nproc_per_node: int) -> list[str]:
@@ -94,26 +126,77 @@ def read_hostfile(path: Path, nnodes: int, nproc_per_node: int) -> list[str]:
     return [host for host, _ in hosts[:nnodes]]
 
 
-def sbatch_script(lc: LauncherConfig, overrides: list[str], run_dir: Path, python: str = sys.executable) -> str:
-    """An sbatch script: one srun task per node, each a torchrun agent for nproc_per_node ranks."""
+# what a #SBATCH line or a shell line cannot hold safely: a newline, carriage return or NUL ends
+# the directive (or command) early and starts another one; the other control characters are refused too
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def refuse_control_characters(values: dict[str, str]) -> None:
+    """ConfigError naming the first key whose value holds a control character (it would add a
+    line to launch.sbatch); `values` maps a config key (or "override N") to its text."""
+    for key, value in values.items():
+        if _CONTROL.search(value):
+            raise ConfigError(
+                f"{key}={value!r} holds a control character (newline, carriage return, NUL, ...) that would add a "
+                f"line to the Slurm script; remove it"
+            )
+
+
+def refuse_unquotable(values: dict[str, str]) -> None:
+    """ConfigError naming the first value a remote shell would split or expand: the DeepSpeed
+    runner hands the ranks' arguments to pdsh as one unquoted shell line."""
+    for key, value in values.items():
+        if shlex.quote(value) != value:
+            raise ConfigError(
+                f"{key}={value!r} has characters a shell would interpret, and launcher=deepspeed with several nodes "
+                f"passes it through ssh unquoted; use letters, digits and @%+=:,./_- only, or launcher=torchrun"
+            )
+
+
+def sbatch_script(lc: LauncherConfig, overrides: list[str], run_dir: Path, python: str = sys.executable,
+                  threads: int = 0) -> str:  # fmt: skip
+    """An sbatch script: one srun task per node, each a torchrun agent for nproc_per_node ranks.
+
+    - `--signal=USR1@<signal_lead_s>` (no `B:`): Slurm signals the job steps, not the batch
+      shell. Each srun task is torchrun, which forwards SIGUSR1 to its ranks once (they run in
+      sessions of their own); where Slurm signals every process of the step, a rank sees it
+      twice, which is harmless (repeats are ignored while it saves). The batch shell needs no trap.
+    - the ranks save and exit 75; torchrun, then srun, pass 75 on; with launcher.requeue the
+      script requeues the job (`scontrol requeue`), and the restarted ranks resume from the run
+      directory's newest checkpoint.
+    - `--cpus-per-task`: launcher.cpus_per_task, else nproc_per_node x max(train.threads, 1)
+      (`threads`).
+    - launcher.setup lines run before srun, as written (they are shell commands by design);
+      every other value is shlex-quoted; `refuse_control_characters` ran before (launch's check).
+    """
+    cpus = lc.cpus_per_task or lc.nproc_per_node * max(threads, 1)
     lines = [
         "#!/bin/bash",
         "#SBATCH --job-name=epmoe",
         f"#SBATCH --nodes={lc.nnodes}",
         "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --cpus-per-task={cpus}",
         f"#SBATCH --time={lc.time_limit}",
         f"#SBATCH --output={run_dir}/slurm-%j.out",
+        f"#SBATCH --signal=USR1@{lc.signal_lead_s}",
     ]
+    if lc.requeue:
+        lines.append("#SBATCH --requeue")
     if lc.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={lc.gpus_per_node}")
     if lc.partition:
         lines.append(f"#SBATCH --partition={lc.partition}")
-    train_args = " ".join(shlex.quote(a) for a in [*overrides, f"hydra.run.dir={run_dir}"])
+    torchrun = " ".join(shlex.quote(a) for a in torchrun_prefix(lc, python))
+    train_args = " ".join(shlex.quote(a) for a in [*overrides, run_dir_override(run_dir)])
     lines += [
         "set -euo pipefail",
+        *lc.setup,
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        f"srun {shlex.quote(python)} -m torch.distributed.run --nnodes=$SLURM_NNODES "
-        f"--nproc-per-node={lc.nproc_per_node} --rdzv-id=$SLURM_JOB_ID --rdzv-backend=c10d "
-        f"--rdzv-endpoint=$head_node:29500 --max-restarts={lc.max_restarts} -m epmoe.train {train_args}",
+        "status=0",
+        f'srun {torchrun} --nnodes="$SLURM_NNODES" --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d '
+        f'--rdzv-endpoint="$head_node":{DEFAULT_PORT} -m epmoe.train {train_args} || status=$?',
     ]
+    if lc.requeue:
+        lines.append(f'if [ "$status" -eq {EXIT_PREEMPTED} ]; then scontrol requeue "$SLURM_JOB_ID"; fi')
+    lines.append('exit "$status"')
     return "\n".join(lines) + "\n"

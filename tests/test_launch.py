@@ -1,17 +1,25 @@
-"""`python -m epmoe.launch`: validation before any rank starts, torchrun runs, slurm scripts."""
+"""`python -m epmoe.launch`: validation before any rank starts, torchrun runs and exit statuses, slurm scripts
+(nothing injected), the DeepSpeed runner. Signals to a running job: tests/test_launch_signals.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from epmoe.config import LauncherConfig
-from epmoe.launch.commands import deepspeed_command, read_hostfile, sbatch_script, torchrun_command
+from epmoe.config import ConfigError, LauncherConfig
+from epmoe.launch.__main__ import check
+from epmoe.launch.commands import deepspeed_command, read_hostfile, run_dir_override, sbatch_script, torchrun_command
+from epmoe.launch.supervise import exit_status
+from epmoe.launch.torchrun import rank_exit_status
 
 from .conftest import REPO, TINY, free_port
 
@@ -60,32 +68,127 @@ def test_impossible_configs_fail_before_any_rank_starts(overrides: list[str], me
 
 
 def test_slurm_launcher_writes_the_sbatch_script(tmp_path: Path) -> None:
+    run_dir = tmp_path / "a b"  # quoted as Hydra quotes; the folder is named without the quotes
     proc = _launch("launcher=slurm", "launcher.partition=gpu", "parallel.ep=8", "model.num_experts=16",
-                   f"hydra.run.dir={tmp_path}", timeout=60)  # fmt: skip
+                   "launcher.setup=[module load cuda,source .venv/bin/activate]", "train.threads=2",
+                   f"hydra.run.dir='{run_dir}'", timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    script = (tmp_path / "launch.sbatch").read_text()
-    assert "#SBATCH --nodes=2\n" in script and "#SBATCH --gpus-per-node=8\n" in script
-    assert "#SBATCH --partition=gpu\n" in script
-    assert "--nproc-per-node=8 --rdzv-id=$SLURM_JOB_ID --rdzv-backend=c10d --rdzv-endpoint=$head_node:29500" in script
-    assert script.rstrip().endswith(f"-m epmoe.train launcher=slurm launcher.partition=gpu parallel.ep=8 "
-                                    f"model.num_experts=16 hydra.run.dir={tmp_path}")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a b"]
+    script = (run_dir / "launch.sbatch").read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
+                 "#SBATCH --cpus-per-task=16", "#SBATCH --signal=USR1@120", "#SBATCH --requeue",
+                 "module load cuda", "source .venv/bin/activate",
+                 'if [ "$status" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi', 'exit "$status"'):  # fmt: skip
+        assert f"\n{line}\n" in script, line
+    assert script.index("source .venv/bin/activate") < script.index("\nsrun ")
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert " -m epmoe.launch.torchrun --nproc-per-node=8 --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 " \
+           "--shutdown-timeout=300 --max-restarts=0 --nnodes=\"$SLURM_NNODES\" --rdzv-id=\"$SLURM_JOB_ID\" " \
+           "--rdzv-backend=c10d --rdzv-endpoint=\"$head_node\":29500 -m epmoe.train " in srun  # fmt: skip
+    assert srun.endswith(" parallel.ep=8 model.num_experts=16 'launcher.setup=[module load cuda,source "
+                         ".venv/bin/activate]' train.threads=2 " + shlex.quote(f"hydra.run.dir='{run_dir}'")
+                         + " || status=$?")  # fmt: skip
+
+
+def test_sbatch_script_options_follow_the_launcher_config() -> None:
+    lc = LauncherConfig(name="slurm", nproc_per_node=4, cpus_per_task=6, requeue=False, signal_lead_s=300)
+    script = sbatch_script(lc, ["x=$(reboot)"], Path("/r"), threads=8)
+    assert "#SBATCH --cpus-per-task=6\n" in script and "#SBATCH --signal=USR1@300\n" in script
+    assert "--requeue" not in script and "scontrol requeue" not in script
+    assert " 'x=$(reboot)' hydra.run.dir=/r || status=$?\n" in script  # an override is data, never a command
+    assert "#SBATCH --cpus-per-task=32\n" in sbatch_script(LauncherConfig(nproc_per_node=4), [], Path("/r"), threads=8)
+    assert "#SBATCH --cpus-per-task=4\n" in sbatch_script(LauncherConfig(nproc_per_node=4), [], Path("/r"))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("launcher.partition='gpu\nrm -rf ~'", "launcher.partition"),
+        ("launcher.partition='gpu\x00'", "launcher.partition"),
+        ("launcher.setup=['module load x\nrm -rf ~']", "launcher.setup[0]"),
+        ("hydra.run.dir='{tmp}/r\nrm -rf ~'", "hydra.run.dir"),
+        ("logger.wandb_project='a\rrm -rf ~'", "override 2"),
+    ],
+)
+def test_a_control_character_cannot_add_a_line_to_the_slurm_script(override: str, key: str, tmp_path: Path) -> None:
+    args = ["launcher=slurm", override.format(tmp=tmp_path)]
+    if not override.startswith("hydra.run.dir"):
+        args.append(f"hydra.run.dir={tmp_path}/r")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.* holds a control character .*; remove it$"):
+        check(args)
+    # launcher.time_limit is refused by validation already: only Slurm's time formats pass
+    with pytest.raises(ConfigError, match=r"^launcher\.time_limit \(1:00\rx\) must be a Slurm time"):
+        check(["launcher=slurm", "launcher.time_limit='1:00\rx'", f"hydra.run.dir={tmp_path}/r"])
+
+
+def test_an_injected_line_exits_2_before_anything_is_written(tmp_path: Path) -> None:
+    proc = _launch("launcher=slurm", "launcher.partition='gpu\nrm -rf ~'", f"hydra.run.dir={tmp_path}/r", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "error: launcher.partition='gpu\\nrm -rf ~' holds a control character (newline, carriage return, NUL, "
+        "...) that would add a line to the Slurm script; remove it\n"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_deepspeed_on_several_nodes_refuses_what_ssh_would_interpret(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("n0 slots=2\nn1 slots=2\n")
+    with pytest.raises(ConfigError, match=r"^override 4=\"logger.wandb_project='a;reboot'\" has characters a shell"):
+        check(["launcher=deepspeed", "launcher.nnodes=2", f"launcher.hostfile={hostfile}",
+               "logger.wandb_project='a;reboot'", f"hydra.run.dir={tmp_path}/r"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^hydra.run.dir='/tmp/a b' has characters a shell would interpret"):
+        check(["launcher=deepspeed", "launcher.nnodes=2", f"launcher.hostfile={hostfile}", "hydra.run.dir='/tmp/a b'"])
+
+
+def test_run_dir_override_reads_back_as_the_same_path() -> None:
+    parser = OverridesParser.create()
+    for path in ("/runs/a", "/runs/a b", "/runs/it's", "/runs/a=b,c", "/runs/x\\"):
+        text = run_dir_override(Path(path))
+        assert parser.parse_override(text).value() == path, text
+    assert run_dir_override(Path("/runs/a")) == "hydra.run.dir=/runs/a"
 
 
 def test_torchrun_command_multi_node() -> None:
     lc = LauncherConfig(name="torchrun", nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29400",
-                        max_restarts=3)  # fmt: skip
+                        max_restarts=3, shutdown_timeout_s=90)  # fmt: skip
     cmd = torchrun_command(lc, ["parallel.ep=8"], Path("/runs/a"), python="py")
-    assert cmd == ["py", "-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=2", "--node-rank=1",
-                   "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--max-restarts=3", "-m", "epmoe.train",
-                   "parallel.ep=8", "hydra.run.dir=/runs/a"]  # fmt: skip
-    assert "--standalone" in torchrun_command(LauncherConfig(name="torchrun"), [], Path("/r"))
+    assert cmd == ["py", "-m", "epmoe.launch.torchrun", "--nproc-per-node=4",
+                   "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=90",
+                   "--max-restarts=3", "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d",
+                   "--rdzv-endpoint=10.0.0.1:29400", "-m", "epmoe.train", "parallel.ep=8",
+                   "hydra.run.dir=/runs/a"]  # fmt: skip
+    one_node = torchrun_command(LauncherConfig(name="torchrun"), [], Path("/r"), python="py")
+    assert one_node[7:11] == ["--nnodes=1", "--rdzv-backend=epmoe-bound", "--rdzv-endpoint=127.0.0.1:0",
+                              "--local-addr=127.0.0.1"]  # fmt: skip
     for addr, is_host in (("10.0.0.1", "true"), ("10.0.0.2", "false")):
         lc = LauncherConfig(name="torchrun", nnodes=2, rdzv_endpoint="10.0.0.1:29400", local_addr=addr)
-        assert torchrun_command(lc, [], Path("/r"))[8:10] == [f"--local-addr={addr}", f"--rdzv-conf=is_host={is_host}"]
+        cmd = torchrun_command(lc, [], Path("/r"))
+        assert cmd[9:13] == ["--rdzv-backend=epmoe-bound", "--rdzv-endpoint=10.0.0.1:29400", f"--local-addr={addr}",
+                             f"--rdzv-conf=is_host={is_host}"]  # fmt: skip
     static = LauncherConfig(name="torchrun", nnodes=2, node_rank=1, master_addr="10.0.0.1")
-    assert torchrun_command(static, [], Path("/r"), python="py")[4:8] == [
+    assert torchrun_command(static, [], Path("/r"), python="py")[7:11] == [
         "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29500"]  # fmt: skip
     assert "--gpus-per-node" not in sbatch_script(LauncherConfig(name="slurm", gpus_per_node=0), [], Path("/r"))
+
+
+def test_rank_statuses_the_job_passes_on() -> None:
+    assert rank_exit_status([2, 2]) == 2 and rank_exit_status([75, 75]) == 75 and rank_exit_status([130]) == 130
+    assert rank_exit_status([2, 1]) is None and rank_exit_status([75, -9]) is None and rank_exit_status([]) is None
+    assert exit_status(75) == 75 and exit_status(-signal.SIGTERM) == 143
+
+
+@pytest.mark.parametrize(("code", "status"), [(2, 2), (75, 75), (3, 1)])
+def test_torchrun_wrapper_passes_on_what_the_ranks_agree_on(code: int, status: int, tmp_path: Path) -> None:
+    script = tmp_path / "rank.py"
+    script.write_text(f"import sys\nprint('error: rank said no', file=sys.stderr)\nsys.exit({code})\n")
+    cmd = torchrun_command(LauncherConfig(name="torchrun", nproc_per_node=2), [], tmp_path)
+    cmd = [*cmd[: cmd.index("-m", 3)], str(script)]  # the same torchrun, running this script as its ranks
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == status, proc.stderr[-3000:]
+    assert proc.stderr.count("error: rank said no") == 2
+    assert ("Root Cause (first observed failure)" in proc.stderr) == (status == 1)  # torch's report only for a crash
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.skipif(

@@ -7,7 +7,9 @@ fields. In process, `epmoe.launch.check` (what `python -m epmoe.launch` runs bef
 rank) must return a config or raise one of LAUNCH_ERRORS with a non-empty single-line message; a
 config it accepts must build its model and run a forward pass. A few drawn configs then go
 through the real command line with `launcher=local train.steps=2`: exit 0 with two metric
-records, or exit 2 with exactly one stderr line.
+records, or exit 2 with exactly one stderr line; and a handful through torchrun with two ranks
+(`launcher=torchrun launcher.nproc_per_node=2`): exit 0, or exit 2 with exactly one stderr line
+starting "error:" (an error the ranks find must come back as their one line, not torchrun's report).
 """
 
 from __future__ import annotations
@@ -144,10 +146,10 @@ def test_check_validates_or_fails_with_one_line(corpora: list[str], data: st.Dat
     assert model(x_BS).logits_BSV.shape == (2, cfg.data.seq_len, cfg.model.vocab_size)
 
 
-def _launch(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+def _launch(args: list[str], run_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONHASHSEED": "0", "WANDB_SILENT": "true"}
     return subprocess.run([sys.executable, "-m", "epmoe.launch", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+                          env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 @settings(max_examples=4, deadline=None, derandomize=True, database=None,
@@ -165,6 +167,28 @@ def test_the_command_line_runs_a_short_job_or_exits_2_with_one_line(
     if proc.returncode == 2:
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0] != "error: ", proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2]
+
+
+@settings(max_examples=4, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=st.data())
+def test_two_ranks_under_torchrun_run_a_short_job_or_exit_2_with_one_line(
+    corpora: list[str], tmp_path: Path, data: st.DataObject
+) -> None:
+    args = data.draw(overrides(corpora, ["torchrun"]))
+    run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    # generous: two ranks' start and rendezvous on a shared 2-core machine
+    proc = _launch([*args, "launcher.nproc_per_node=2", "train.steps=2", "train.eval_every=0", "train.sample_bytes=0"],
+                   run_dir, timeout=240)  # fmt: skip
+    event(f"exit {proc.returncode}")
+    if proc.returncode == 2:
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0] != "error: ", proc.stderr
+        assert not run_dir.exists()  # refused before anything was created
     else:
         assert proc.returncode == 0, proc.stderr[-3000:]
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -12,7 +12,8 @@ Layers, top first; a module imports only its own layer and the ones above it:
     epmoe.launch                        the launcher CLI (launch/)
 and on top of that order: comm imports nothing from placement; placement nothing from model;
 only comm/ imports torch.distributed or mpi4py (parallel/ may use FSDP2, DTensor and
-distributed checkpoint); no two modules import each other, directly or through others (imports
+distributed checkpoint, launch/ torchrun's own agent API: torch.distributed.run and .elastic);
+no two modules import each other, directly or through others (imports
 under `if TYPE_CHECKING:` and inside functions count too).
 """
 
@@ -42,6 +43,7 @@ FORBIDDEN = {  # beyond the layer order: (importer, imported) packages
 }
 DISTRIBUTED = ("torch.distributed", "mpi4py")
 PARALLEL_MAY_USE = ("torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint")
+LAUNCH_MAY_USE = ("torch.distributed.run", "torch.distributed.elastic")  # torchrun's agent, which the launcher runs
 
 
 def module_files() -> dict[str, Path]:
@@ -95,7 +97,9 @@ def violations(graph: dict[str, list[str]]) -> list[str]:
         mine = layer_of(importer)
         for imported in imported_list:
             if imported.startswith(DISTRIBUTED) and mine is not None and mine[1] != "epmoe.comm":
-                if not (mine[1] == "epmoe.parallel" and imported.startswith(PARALLEL_MAY_USE)):
+                if not (mine[1] == "epmoe.parallel" and imported.startswith(PARALLEL_MAY_USE)) and not (
+                    mine[1] == "epmoe.launch" and imported.startswith(LAUNCH_MAY_USE)
+                ):
                     found.append(f"{importer} imports {imported}: only epmoe.comm talks to the process group")
             theirs = layer_of(imported)
             if mine is None or theirs is None or theirs[1] == mine[1]:

@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from epmoe.comm.parallel_dims import ParallelConfigError
-from epmoe.comm.process import PeerLostError, die_with_parent, end_process, peer_failures_as_errors
+from epmoe.comm.process import PeerLostError, die_with_parent, end_process, launched_rank, peer_failures_as_errors
 from epmoe.config import ConfigError, register_configs
 from epmoe.exit_codes import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_PREEMPTED, EXIT_USAGE
 from epmoe.train.checkpoint_files import CheckpointError
@@ -42,8 +42,11 @@ from epmoe.train.trainer import TrainingAborted, train
 USER_ERRORS = (ConfigError, ParallelConfigError, DataError, CheckpointError)
 
 
-def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    print(f"error: {message}", file=sys.stderr)
+def _fail(message: str, code: int = EXIT_USAGE, every_rank: bool = True) -> None:
+    """One line on stderr (a value holding a newline is shown escaped), then exit `code`.
+    every_rank=False: an error every rank finds alike (the config) is printed by rank 0 only."""
+    if every_rank or launched_rank() == 0:
+        print("error: " + message.replace("\n", "\\n"), file=sys.stderr)
     sys.exit(code)
 
 
@@ -53,7 +56,9 @@ def _run(cfg: DictConfig) -> float | None:
         config = resolve_config(cfg, HydraConfig.get().overrides.task)
         with peer_failures_as_errors(config.train.collective_timeout_s):
             result = train(config, Path(HydraConfig.get().runtime.output_dir))
-    except USER_ERRORS as e:
+    except (ConfigError, ParallelConfigError) as e:
+        _fail(str(e), every_rank=False)
+    except USER_ERRORS as e:  # the data or a checkpoint: what one node sees may differ
         _fail(str(e))
     except (PeerLostError, TrainingAborted) as e:
         _fail(str(e), EXIT_JOB_FAILED)
@@ -92,7 +97,9 @@ def main() -> None:
         # multi-line report (sweeps are checked per job by Hydra itself).
         try:
             load_config([a for a in argv if not a.startswith("-")])
-        except (ConfigError, CheckpointError) as e:
+        except ConfigError as e:
+            _fail(str(e), every_rank=False)
+        except CheckpointError as e:
             _fail(str(e))
     try:
         _run()
