@@ -21,6 +21,7 @@ sockets bound to --local-addr (127.0.0.1 for one node).
 from __future__ import annotations
 
 import gc
+import logging
 import subprocess
 import sys
 from datetime import timedelta
@@ -94,7 +95,17 @@ def _ranks_codes() -> list[int]:
     return [o.returncode for o in gc.get_objects() if type(o) is subprocess.Popen and o.returncode is not None]
 
 
+class _AgreedExits(logging.Filter):
+    """Drops torch's "failed (exitcode: N) local_rank: ..." log line where N is an agreed status:
+    the ranks said it themselves in one line (a real failure keeps it, and torch's report)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("failed (exitcode") and args and args[0] in AGREED)
+
+
 def main(argv: list[str] | None = None) -> None:
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_AgreedExits())
     rendezvous_handler_registry.register(BOUND_BACKEND, _bound_handler)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -150,6 +150,9 @@ def test_an_edited_manifest_is_a_one_line_error_and_resolve_falls_back(
     assert re.search(problem, message), message
     with pytest.warns(CheckpointWarning, match=r"skipping checkpoint .*step_00000003: .*manifest.json"):
         assert checkpoint_files.resolve(run).name == "step_00000002"
+    # train.resume=<run dir> alone takes its config from the newest checkpoint whose manifest reads
+    assert checkpoint_files.readable(run)[0].name == "step_00000002"
+    assert load_config([f"train.resume={run}"]).model == saved[1].model
 
 
 def _mutations(m: dict) -> list[tuple[str, dict]]:

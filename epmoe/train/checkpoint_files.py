@@ -121,6 +121,22 @@ def latest(path: Path) -> Path:
     return found[-1]
 
 
+def readable(path: Path) -> tuple[Path, dict]:
+    """The checkpoint `path` names and its manifest, read and validated (not its checksums: see
+    `resolve`): a checkpoint directory must read; under a run or checkpoints directory the
+    newest one whose manifest reads (as `resolve` would skip the others)."""
+    newest = latest(path)
+    if newest == Path(path):
+        return newest, read_manifest(newest)
+    first_error = None
+    for ckpt in reversed(complete_checkpoints(newest.parent)):
+        try:
+            return ckpt, read_manifest(ckpt)
+        except CheckpointError as e:
+            first_error = first_error or e
+    raise first_error
+
+
 def read_manifest(ckpt: Path) -> dict:
     """The manifest of `ckpt`, checked against its schema (epmoe/train/manifest.py): a manifest
     that is unreadable, of another format version, or fails the schema is a CheckpointError

@@ -118,7 +118,7 @@ def with_checkpoint_config(composed: DictConfig, overrides: Sequence[str]) -> Di
     resume = OmegaConf.select(composed, "train.resume")
     if not resume:
         return composed
-    saved = checkpoint_files.read_manifest(checkpoint_files.latest(Path(resume)))["config"]
+    saved = checkpoint_files.readable(Path(resume))[1]["config"]
     try:
         base = OmegaConf.merge(OmegaConf.structured(Config), saved)
     except Exception as e:  # a checkpoint of an older schema

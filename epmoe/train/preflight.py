@@ -55,7 +55,7 @@ def check(cfg: Config, run_dir: Path, ranks_on_node: int, restart: int = 0, lock
 def check_resume(cfg: Config, target: Path) -> int:
     """The step the resume target `target` holds (its manifest read and validated, the checksums
     are rank 0's at start); raise if train.steps does not go beyond it."""
-    step = checkpoint_files.read_manifest(checkpoint_files.latest(target))["step"]
+    step = checkpoint_files.readable(target)[1]["step"]
     if cfg.train.steps <= step:
         raise ConfigError(
             f"train.steps ({cfg.train.steps}) is not beyond the step of the checkpoint to resume ({step}, in "
