@@ -54,7 +54,7 @@ FIELDS = {
     "model.n_shared_experts": [1, 0, -1],
     "model.expert_hidden": [8, 0, 16],
     "model.activation": ["gelu", "swiglu", "relu"],
-    "router.top_k": [1, 0, 2, 3, 9],
+    "router.top_k": [2, 0, 1, 3, 9],
     "router.n_groups": [2, 1, 3],
     "router.topk_groups": [1, 2, 3],
     "router.capacity_factor": [1.25, "null", 1.0, 0, -1, "inf", "nan"],
@@ -152,6 +152,19 @@ def _launch(args: list[str], run_dir: Path, timeout: float = 120) -> subprocess.
                           env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
+def _ran_two_steps_or_failed_in_one_line(proc: subprocess.CompletedProcess, run_dir: Path) -> None:
+    """Exit 0 with steps 1 and 2 logged, or exit 2 with one "error: ..." line and no run directory."""
+    event(f"exit {proc.returncode}")
+    if proc.returncode == 2:
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0] != "error: ", proc.stderr
+        assert not run_dir.exists()  # refused before anything was created
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2]
+
+
 @settings(max_examples=4, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(data=st.data())
@@ -163,14 +176,7 @@ def test_the_command_line_runs_a_short_job_or_exits_2_with_one_line(
     proc = _launch([*args, "launcher.nproc_per_node=1", "train.steps=2", "train.eval_every=0", "train.sample_bytes=0"],
                    run_dir)  # fmt: skip
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    event(f"exit {proc.returncode}")
-    if proc.returncode == 2:
-        lines = proc.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0] != "error: ", proc.stderr
-    else:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in records] == [1, 2]
+    _ran_two_steps_or_failed_in_one_line(proc, run_dir)
 
 
 @settings(max_examples=4, deadline=None, derandomize=True, database=None,
@@ -184,12 +190,4 @@ def test_two_ranks_under_torchrun_run_a_short_job_or_exit_2_with_one_line(
     # generous: two ranks' start and rendezvous on a shared 2-core machine
     proc = _launch([*args, "launcher.nproc_per_node=2", "train.steps=2", "train.eval_every=0", "train.sample_bytes=0"],
                    run_dir, timeout=240)  # fmt: skip
-    event(f"exit {proc.returncode}")
-    if proc.returncode == 2:
-        lines = proc.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0] != "error: ", proc.stderr
-        assert not run_dir.exists()  # refused before anything was created
-    else:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in records] == [1, 2]
+    _ran_two_steps_or_failed_in_one_line(proc, run_dir)
