@@ -149,8 +149,8 @@ def test_nonfinite_abort_stops_with_the_step_and_saves_the_last_good_state(tmp_p
     assert (run_dir / "checkpoints" / "step_00000003" / "manifest.json").is_file()
 
 
-DRILL = ["launcher=torchrun", "launcher.nproc_per_node=2", "parallel.ep=2", *TINY, "train.steps=20",
-         "train.checkpoint_every=5", "train.eval_every=0", "train.sample_bytes=0",
+DRILL = ["launcher=torchrun", "launcher.nproc_per_node=2", "parallel.ep=2", *TINY, "train.steps=12",
+         "train.checkpoint_every=4", "train.eval_every=0", "train.sample_bytes=0",
          "launcher.max_restarts=1"]  # fmt: skip
 
 
@@ -163,23 +163,23 @@ def test_kill_a_rank_drill_restarts_resumes_and_ends_with_the_uninterrupted_loss
                               timeout=400)  # fmt: skip
 
     clean = launch(tmp_path / "clean")
-    drill = launch(tmp_path / "drill", "train.fault.kill_rank=1", "train.fault.at_step=13")
-    # kill -9 of a rank in the middle of a save: its shard of step 15 is on disk, the checkpoint is not complete
+    drill = launch(tmp_path / "drill", "train.fault.kill_rank=1", "train.fault.at_step=10")
+    # kill -9 of a rank in the middle of a save: its shard of step 8 is on disk, the checkpoint is not complete
     in_save = launch(
-        tmp_path / "in_save", "train.fault.kill_rank=1", "train.fault.at_step=15", "train.fault.in_save=true"
+        tmp_path / "in_save", "train.fault.kill_rank=1", "train.fault.at_step=8", "train.fault.in_save=true"
     )
     assert clean.returncode == 0, clean.stderr[-2000:]
-    for run, name, killed in (
-        (drill, "drill", "exits abruptly at step 13"),
-        (in_save, "in_save", "is killed (SIGKILL) while saving step 15"),
+    for run, name, killed, newest in (
+        (drill, "drill", "exits abruptly at step 10", 8),
+        (in_save, "in_save", "is killed (SIGKILL) while saving step 8", 4),
     ):
         assert run.returncode == 0, run.stderr[-3000:]
         assert f"fault drill: rank 1 {killed}" in run.stderr
         assert "restart 1: resuming from the newest complete checkpoint" in run.stderr
-        assert "resumed from step 10 of " in run.stderr  # the newest complete checkpoint
+        assert f"resumed from step {newest} of " in run.stderr  # the newest complete checkpoint
         records = _records(tmp_path / name)
-        assert [r["step"] for r in records] == list(range(1, 21))  # the steps after 10 ran twice, logged once
+        assert [r["step"] for r in records] == list(range(1, 13))  # the steps after `newest` ran twice, logged once
         assert records[-1]["loss"] == pytest.approx(_records(tmp_path / "clean")[-1]["loss"], rel=1e-5)
     saved = checkpoint_files.complete_checkpoints(checkpoint_files.checkpoint_dir(tmp_path / "in_save"))
-    assert [p.name for p in saved] == [f"step_{n:08d}" for n in (5, 10, 15, 20)]  # 15 saved again after the restart
+    assert [p.name for p in saved] == [f"step_{n:08d}" for n in (4, 8, 12)]  # 8 saved again after the restart
     assert all(checkpoint_files.verify(p) for p in saved)
