@@ -152,8 +152,20 @@ def _launch(args: list[str], run_dir: Path, timeout: float = 120) -> subprocess.
                           env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
-def _ran_two_steps_or_failed_in_one_line(proc: subprocess.CompletedProcess, run_dir: Path) -> None:
+@pytest.mark.parametrize(("launcher", "nproc"), [("local", 1), ("torchrun", 2)])
+@settings(max_examples=4, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=st.data())
+def test_the_command_line_runs_a_short_job_or_exits_2_with_one_line(
+    launcher: str, nproc: int, corpora: list[str], tmp_path: Path, data: st.DataObject
+) -> None:
     """Exit 0 with steps 1 and 2 logged, or exit 2 with one "error: ..." line and no run directory."""
+    args = data.draw(overrides(corpora, [launcher]))
+    run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    # generous timeout: two ranks' start and rendezvous on a shared 2-core machine
+    proc = _launch([*args, f"launcher.nproc_per_node={nproc}", "train.steps=2", "train.eval_every=0",
+                    "train.sample_bytes=0"], run_dir, timeout=240)  # fmt: skip
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     event(f"exit {proc.returncode}")
     if proc.returncode == 2:
         lines = proc.stderr.splitlines()
@@ -163,31 +175,3 @@ def _ran_two_steps_or_failed_in_one_line(proc: subprocess.CompletedProcess, run_
         assert proc.returncode == 0, proc.stderr[-3000:]
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == [1, 2]
-
-
-@settings(max_examples=4, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
-@given(data=st.data())
-def test_the_command_line_runs_a_short_job_or_exits_2_with_one_line(
-    corpora: list[str], tmp_path: Path, data: st.DataObject
-) -> None:
-    args = data.draw(overrides(corpora, ["local"]))
-    run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    proc = _launch([*args, "launcher.nproc_per_node=1", "train.steps=2", "train.eval_every=0", "train.sample_bytes=0"],
-                   run_dir)  # fmt: skip
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    _ran_two_steps_or_failed_in_one_line(proc, run_dir)
-
-
-@settings(max_examples=4, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
-@given(data=st.data())
-def test_two_ranks_under_torchrun_run_a_short_job_or_exit_2_with_one_line(
-    corpora: list[str], tmp_path: Path, data: st.DataObject
-) -> None:
-    args = data.draw(overrides(corpora, ["torchrun"]))
-    run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    # generous: two ranks' start and rendezvous on a shared 2-core machine
-    proc = _launch([*args, "launcher.nproc_per_node=2", "train.steps=2", "train.eval_every=0", "train.sample_bytes=0"],
-                   run_dir, timeout=240)  # fmt: skip
-    _ran_two_steps_or_failed_in_one_line(proc, run_dir)
