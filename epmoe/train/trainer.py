@@ -166,7 +166,8 @@ class Trainer:
         """Continue from train.resume, or (a torchrun restart) from the run's own newest checkpoint."""
         par, resume = self.par, self.cfg.train.resume
         restart = par.info.restart
-        if restart > 0 and checkpoint_files.complete_checkpoints(checkpoint_files.checkpoint_dir(self.run_dir)):
+        own = restart > 0 and bool(checkpoint_files.complete_checkpoints(checkpoint_files.checkpoint_dir(self.run_dir)))
+        if own:
             resume = str(self.run_dir)  # a restarted job continues from its own newest checkpoint, not train.resume's
             self.say(f"restart {restart}: resuming from the newest complete checkpoint in {self.run_dir}",
                      file=sys.stderr)  # fmt: skip
@@ -174,7 +175,8 @@ class Trainer:
             return
         # rank 0 verifies the checksums and picks the checkpoint; every rank reads its experts
         ckpt = checkpoint_files.agree(Path(resume), self.main)
-        preflight.check_resume(self.cfg, ckpt)  # touches nothing when train.steps is not beyond it
+        if not own:  # (a restart whose checkpoint is the last step's only finishes)
+            preflight.check_resume(self.cfg, ckpt)  # touches nothing when train.steps is not beyond it
         optimizer, scheduler = self.engine.portable()
         resumed = checkpoint_state.restore(ckpt, self.model, optimizer, scheduler, self.cfg, par.info.rank, par.dims,
                                            par.placement, keep_saved_placement=par.rebalancer is not None)  # fmt: skip
