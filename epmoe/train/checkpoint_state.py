@@ -169,6 +169,7 @@ def save(
     routing_window: RoutingStats | None = None,
     keep: int = 0,
     shard_written: Callable[[], None] | None = None,
+    data_source: dict | None = None,
 ) -> Path:
     """Write the checkpoint of `step` (collective: every rank calls it); returns its directory.
 
@@ -176,7 +177,8 @@ def save(
     rank's routing counts since the last re-placement (summed over ranks here), or None.
     keep: keep the newest `keep` complete checkpoints (0 = all), pruned after this one is complete.
     shard_written: called once this rank's files are written, before the checkpoint is complete
-    (the fault drill train.fault.in_save kills the rank there).
+    (the fault drill train.fault.in_save kills the rank there). data_source: the data's
+    `fingerprint`, as a caller that saves often takes it once; None: rank 0 takes it here.
     An OSError on any rank's write (disk full, file too large, I/O error) reaches every rank
     through the save's own collectives: rank 0 removes `step_<N>.tmp/` and every rank raises the
     same one-line CheckpointError; the older checkpoints are untouched.
@@ -189,7 +191,6 @@ def save(
     # NOTE: each barrier below is an all-reduce carrying rank 0's errno (0: fine), so a failure
     # costs no collective of its own and no rank is left waiting in one
     started_2 = torch.zeros(2, dtype=torch.int64)  # errno, what failed (0: creating tmp, 1: reading the data)
-    data_source: dict = {}
     if main:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -197,7 +198,7 @@ def save(
                 shutil.rmtree(stale)
             tmp.mkdir()
             started_2[1] = 1
-            data_source = fingerprint(cfg.data)
+            data_source = fingerprint(cfg.data) if data_source is None else data_source
         except OSError as e:
             started_2[0] = _errno(e)
     if routing_window is not None:  # collective: the window's counts over all ranks
@@ -323,6 +324,7 @@ def restore(
     dims: ParallelDims,
     placement: Placement | None,
     keep_saved_placement: bool = False,
+    data_source: dict | None = None,
 ) -> Resumed:
     """Load `ckpt` into this rank's (sharded) model, optimizer and schedule, and set the RNG.
 
@@ -332,7 +334,8 @@ def restore(
     the dispatchers at the returned placement (`Parallel.apply_placement`).
     Raises CheckpointError, before reading a tensor, when `cfg` has another architecture than the
     checkpoint (manifest.ARCHITECTURE); warns (CheckpointWarning, rank 0 for the source) when the
-    data stream or the data source differ from the saved ones.
+    data stream or the data source differ from the saved ones. data_source: the data's
+    `fingerprint` where the caller has it; None: rank 0 takes it here.
     """
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
@@ -405,7 +408,7 @@ def restore(
             CheckpointWarning,
             stacklevel=2,
         )
-    if rank == 0 and (changes := data_source_changes(data["source"], fingerprint(cfg.data))):
+    if rank == 0 and (changes := data_source_changes(data["source"], data_source or fingerprint(cfg.data))):
         warnings.warn(
             f"resuming {ckpt} on a changed data source: {'; '.join(changes)}; the batches will not be those of "
             "the saved run",

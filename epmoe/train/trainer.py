@@ -36,7 +36,7 @@ from epmoe.model.transformer import Transformer
 from epmoe.parallel.parallelize import Parallel, parallelize
 from epmoe.parallel.timing import run_summary
 from epmoe.train import checkpoint_files, checkpoint_state, preflight
-from epmoe.train.data import TokenSplits, load_splits
+from epmoe.train.data import TokenSplits, fingerprint, load_splits
 from epmoe.train.engine import Engine, NativeEngine, autocast
 from epmoe.train.hooks import FaultDrill, build_hooks, routing_callback
 from epmoe.train.loggers import Loggers
@@ -106,6 +106,9 @@ class Trainer:
         self.start_step = self.completed = 0  # completed: optimizer steps whose effect is in the model
 
         self.main = self.par.info.is_main  # only rank 0 prints, plots and logs
+        # the data's fingerprint for the manifests, taken once (rank 0): it hashes the ends of
+        # every file of the corpus (1,790 for the stdlib one), which each save would repeat
+        self.data_source = fingerprint(cfg.data) if self.main else None
         self.log_cfg = cfg.logger if self.main else LoggerConfig(console=False, progress=False, jsonl=False,
                                                                  plots=False)  # fmt: skip
         self.trace = RoutingTrace(self.log_cfg.routing_trace_every, self.log_cfg.routing_trace_tokens,
@@ -179,7 +182,8 @@ class Trainer:
             preflight.check_resume(self.cfg, ckpt)  # touches nothing when train.steps is not beyond it
         optimizer, scheduler = self.engine.portable()
         resumed = checkpoint_state.restore(ckpt, self.model, optimizer, scheduler, self.cfg, par.info.rank, par.dims,
-                                           par.placement, keep_saved_placement=par.rebalancer is not None)  # fmt: skip
+                                           par.placement, keep_saved_placement=par.rebalancer is not None,
+                                           data_source=self.data_source)  # fmt: skip
         self.engine.load_portable(optimizer, scheduler)
         self.start_step = self.completed = resumed.step
         if resumed.placement is not None:
@@ -196,7 +200,8 @@ class Trainer:
                                      placement=self.par.placement,
                                      routing_window=self.counts.local if self.counts is not None else None,
                                      keep=self.cfg.train.keep_checkpoints,
-                                     shard_written=FaultDrill.in_save(self.cfg, self.par.info, step))  # fmt: skip
+                                     shard_written=FaultDrill.in_save(self.cfg, self.par.info, step),
+                                     data_source=self.data_source)  # fmt: skip
 
     # -- 3. step and evaluate --------------------------------------------------------------------
 
