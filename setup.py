@@ -9,6 +9,7 @@ from setuptools import setup
 
 PACKAGES = {
     "epmoe": "epmoe",
+    "epmoe.hf": "epmoe/hf",
     "epmoe.model": "epmoe/model",
     "epmoe.parallel": "epmoe/parallel",
     "epmoe.placement": "epmoe/placement",
@@ -37,6 +38,9 @@ setup(
         "matplotlib>=3.8",
         "numpy>=1.24",
         "scipy>=1.9",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "transformers>=4.51",  # the reference the Hugging Face import is tested against
     ],
     extras_require={
         # MPI without a system MPI: the mpich wheel brings libmpi and mpiexec into the venv

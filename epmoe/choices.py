@@ -31,6 +31,35 @@ class ExpertImpl(Choice):
     fused = "fused"
 
 
+class AttentionKind(Choice):
+    standard = "standard"  # multi-head / grouped-query attention (Llama, Qwen, Mixtral, OLMoE)
+    mla = "mla"  # DeepSeek-V2/V3 multi-head latent attention
+
+
+class QKNorm(Choice):
+    none = "none"
+    head = "head"  # RMSNorm over each head's dims, shared by the heads (Qwen3)
+    full = "full"  # RMSNorm over the whole q and the whole k projection (OLMoE)
+
+
+class GroupScore(Choice):
+    top2_sum = "top2_sum"  # a group scores the sum of its two best experts (DeepSeek-V3)
+    max = "max"  # ... its best expert (DeepSeek-V2)
+
+
+class Family(Choice):
+    """Which Hugging Face model family a model is (epmoe/hf adapters); epmoe = a native model."""
+
+    epmoe = "epmoe"
+    mixtral = "mixtral"
+    qwen2_moe = "qwen2_moe"
+    qwen3_moe = "qwen3_moe"
+    olmoe = "olmoe"
+    deepseek_v3 = "deepseek_v3"
+    llama = "llama"
+    qwen3 = "qwen3"
+
+
 class ScoreFunc(Choice):
     softmax = "softmax"
     sigmoid = "sigmoid"

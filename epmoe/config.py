@@ -26,6 +26,7 @@ from hydra.core.config_store import ConfigStore
 
 from epmoe.choices import (  # noqa: F401  (re-exported: the config's field types)
     Activation,
+    AttentionKind,
     AuxLoss,
     Choice,
     CommBackend,
@@ -35,10 +36,13 @@ from epmoe.choices import (  # noqa: F401  (re-exported: the config's field type
     DropPolicy,
     EngineName,
     ExpertImpl,
+    Family,
+    GroupScore,
     LauncherName,
     OnNonfinite,
     PlacementName,
     Precision,
+    QKNorm,
     ScoreFunc,
     WandbMode,
     WireDtype,
@@ -61,6 +65,24 @@ class ModelConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    # the Hugging Face family this model is (epmoe/hf imports and exports it); epmoe = native
+    family: Family = Family.epmoe
+    # -- attention (standard): grouped-query with n_kv_heads < n_heads
+    n_kv_heads: int = 0  # 0 = n_heads
+    head_dim: int = 0  # 0 = d_model / n_heads (Qwen3 sets it independently)
+    qk_norm: QKNorm = QKNorm.none
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2-MoE)
+    out_bias: bool = False  # bias on the output projection (Llama's attention_bias with qkv_bias)
+    # RoPE rotates (even, odd) pairs of a head's dims (epmoe, DeepSeek's interleaved weights) or its
+    # first half against its second (Llama and most Hugging Face families)
+    rope_interleaved: bool = True
+    # -- attention (mla): DeepSeek's latent attention; q_lora_rank 0 = q projected directly
+    attention: AttentionKind = AttentionKind.standard
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     # FFN layout: layer i is MoE iff num_experts > 0, i >= first_dense_layers and
     # (i - first_dense_layers) % moe_every == 0; every other layer is a dense FFN.
     num_experts: int = 8
@@ -71,11 +93,20 @@ class ModelConfig:
     activation: Activation = Activation.swiglu
     n_shared_experts: int = 1
     shared_hidden: int = 256  # hidden size of each shared expert
+    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x . g) (Qwen2-MoE)
     expert_impl: ExpertImpl = ExpertImpl.auto
     # BigMac-style low-dimensional exchange: project D -> exchange_dim before dispatch and back
     # after combine, so the all-to-all and the routed experts run at that width. 0 = off
     exchange_dim: int = 0
     tie_embeddings: bool = True
+
+    def kv_heads(self) -> int:
+        """Key/value heads of standard attention (n_kv_heads, 0 meaning n_heads)."""
+        return self.n_kv_heads or self.n_heads
+
+    def head_size(self) -> int:
+        """Dims per head of standard attention (head_dim, 0 meaning d_model / n_heads)."""
+        return self.head_dim or self.d_model // self.n_heads
 
 
 @dataclass
@@ -87,7 +118,8 @@ class RouterConfig:
     renormalize: bool = True  # renormalise the top-k weights to sum to 1
     routed_scaling: float = 1.0  # DeepSeek-V3's routed scaling factor on the routed output
     n_groups: int = 1  # group-limited routing: experts split into n_groups groups ...
-    topk_groups: int = 1  # ... of which each token may use topk_groups
+    topk_groups: int = 1  # ... of which each token may use topk_groups ...
+    group_score: GroupScore = GroupScore.top2_sum  # ... the best by this score
     aux_loss: AuxLoss = AuxLoss.batch
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
@@ -100,6 +132,10 @@ class RouterConfig:
 class DataConfig:
     kind: DataKind = DataKind.stdlib
     path: str | None = None  # file or folder for text, a file for jsonl and bin
+    # text, jsonl and stdlib are tokenized by this tokenizer (a tokenizer.json, or a folder holding
+    # one, such as a Hugging Face model's); None = bytes (vocab 256). With train.init_from it
+    # defaults to the imported folder's own tokenizer.json
+    tokenizer: str | None = None
     seq_len: int = 256
     val_fraction: float = 0.05
 

@@ -69,16 +69,46 @@ _HOST_PORT = re.compile(r"^\[?[\w.:-]+\]?:(\d{1,5})$")
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(UNLIMITED|INFINITE)$")
 
 
+def _validate_attention(m: ModelConfig) -> None:
+    for name in ("n_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                 "v_head_dim"):  # fmt: skip
+        _at_least_zero(f"model.{name}", getattr(m, name), "0 = unset")
+    if m.attention == "mla":
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            _positive(f"model.{name} (attention=mla)", getattr(m, name))
+        if m.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.qk_rope_head_dim ({m.qk_rope_head_dim}) must be even (RoPE rotates pairs)")
+        if m.n_kv_heads or m.head_dim or m.qk_norm != "none":
+            raise ConfigError(
+                "model.n_kv_heads, head_dim and qk_norm belong to attention=standard; attention=mla sizes its heads "
+                "with qk_nope_head_dim, qk_rope_head_dim and v_head_dim"
+            )
+        return
+    if m.q_lora_rank or m.kv_lora_rank or m.qk_nope_head_dim or m.qk_rope_head_dim or m.v_head_dim:
+        raise ConfigError(
+            "model.q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim and v_head_dim belong to "
+            "attention=mla; set model.attention=mla or leave them 0"
+        )
+    if not m.head_dim and (m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2):
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) / model.n_heads ({m.n_heads}) must be an even "
+            "integer head size (RoPE rotates pairs), or set model.head_dim"
+        )
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim ({m.head_dim}) must be even (RoPE rotates pairs)")
+    if m.n_heads % m.kv_heads():
+        raise ConfigError(
+            f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads}): each key/value head "
+            "serves the same number of query heads"
+        )
+
+
 def _validate_model(m: ModelConfig, r: RouterConfig) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "moe_every"):
         _positive(f"model.{name}", getattr(m, name))
     _positive("model.rope_theta", m.rope_theta)
     _positive("model.norm_eps", m.norm_eps)
-    if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
-        raise ConfigError(
-            f"model.d_model ({m.d_model}) / model.n_heads ({m.n_heads}) must be an even "
-            "integer head size (RoPE rotates pairs)"
-        )
+    _validate_attention(m)
     _at_least_zero("model.num_experts", m.num_experts, "0 = a dense model")
     _at_least_zero("model.first_dense_layers", m.first_dense_layers)
     _at_least_zero("model.n_shared_experts", m.n_shared_experts)
@@ -90,6 +120,8 @@ def _validate_model(m: ModelConfig, r: RouterConfig) -> None:
     _positive("model.dense_hidden", m.dense_hidden)
     _positive("model.expert_hidden", m.expert_hidden)
     _positive("model.shared_hidden", m.shared_hidden)
+    if m.shared_gate and (m.num_experts == 0 or m.n_shared_experts == 0):
+        raise ConfigError("model.shared_gate=true gates the shared experts, but this model has none; set it false")
 
     if m.num_experts > 0:
         if not 1 <= r.top_k <= m.num_experts:
@@ -287,3 +319,10 @@ def validate(cfg: Config) -> Config:
     if cfg.comm.backend == "mpi" and cfg.train.device == "cuda":
         raise ConfigError("comm.backend=mpi exchanges CPU tensors; with train.device=cuda use comm.backend=torch")
     return cfg
+
+
+def validate_model(m: ModelConfig, r: RouterConfig) -> None:
+    """The model and router checks of `validate` alone (an imported model before any run config)."""
+    _check_choices(m, "model.")
+    _check_choices(r, "router.")
+    _validate_model(m, r)

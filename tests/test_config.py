@@ -239,6 +239,10 @@ def _choice_fields(schema: type = Config, prefix: str = "") -> dict[str, type[Ch
 CHOICES = {
     "model.activation": "swiglu, gelu",
     "model.expert_impl": "auto, grouped, loop, fused",
+    "model.family": "epmoe, mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, llama, qwen3",
+    "model.qk_norm": "none, head, full",
+    "model.attention": "standard, mla",
+    "router.group_score": "top2_sum, max",
     "router.score_func": "softmax, sigmoid",
     "router.aux_loss": "none, batch, sequence",
     "router.drop_policy": "position, probability",

@@ -188,19 +188,30 @@ class GroupedExperts(nn.Module):
 
 
 class MLP(nn.Module):
-    """A dense FFN D -> H -> D (SwiGLU or GELU): dense layers and shared experts."""
+    """A dense FFN D -> H -> D (SwiGLU or GELU): dense layers and shared experts.
 
-    def __init__(self, d_model: int, hidden: int, activation: str = "swiglu", out_init_scale: float = 1.0):
+    output_gate: the output is scaled per token by sigmoid(x . g), a learnt D -> 1 gate
+    (Qwen2-MoE's shared expert).
+    """
+
+    def __init__(
+        self, d_model: int, hidden: int, activation: str = "swiglu", out_init_scale: float = 1.0,
+        output_gate: bool = False,
+    ):  # fmt: skip
         super().__init__()
         self.activation = activation
         self.w_gate = nn.Linear(d_model, hidden, bias=False)
         self.w_up = nn.Linear(d_model, hidden, bias=False) if activation == "swiglu" else None
         self.w_down = nn.Linear(hidden, d_model, bias=False)
+        self.output_gate = nn.Linear(d_model, 1, bias=False) if output_gate else None
         nn.init.normal_(self.w_gate.weight, std=1 / math.sqrt(d_model))
         if self.w_up is not None:
             nn.init.normal_(self.w_up.weight, std=1 / math.sqrt(d_model))
         nn.init.normal_(self.w_down.weight, std=out_init_scale / math.sqrt(hidden))
+        if self.output_gate is not None:
+            nn.init.normal_(self.output_gate.weight, std=1 / math.sqrt(d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = self.w_up(x) if self.w_up is not None else None
-        return self.w_down(activation_fn(self.activation, self.w_gate(x), up))
+        y = self.w_down(activation_fn(self.activation, self.w_gate(x), up))
+        return y if self.output_gate is None else torch.sigmoid(self.output_gate(x)) * y

@@ -41,16 +41,21 @@ class Routing:
         return (~self.keep_TK).sum()
 
 
-def group_limited_mask(scores_TE: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
-    """Bool mask_TE of experts in each token's `topk_groups` best groups (DeepSeek-V3).
+def group_limited_mask(
+    scores_TE: torch.Tensor, n_groups: int, topk_groups: int, group_score: str = "top2_sum"
+) -> torch.Tensor:
+    """Bool mask_TE of experts in each token's `topk_groups` best groups.
 
-    A group's score is the sum of its two best expert scores (its best one if the group has a
-    single expert).
+    A group's score is the sum of its two best expert scores (`top2_sum`, DeepSeek-V3; its best
+    one if the group has a single expert), or its best expert score (`max`, DeepSeek-V2).
     """
     T, E = scores_TE.shape
     per_group = E // n_groups
     scores_TGe = scores_TE.view(T, n_groups, per_group)
-    group_score_TG = scores_TGe.topk(min(2, per_group), dim=-1).values.sum(-1)
+    if group_score == "max":
+        group_score_TG = scores_TGe.max(dim=-1).values
+    else:
+        group_score_TG = scores_TGe.topk(min(2, per_group), dim=-1).values.sum(-1)
     top_groups_TK = group_score_TG.topk(topk_groups, dim=-1).indices
     group_mask_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
     group_mask_TG.scatter_(1, top_groups_TK, True)
@@ -151,7 +156,7 @@ class Router(nn.Module):
 
         select_TE = scores_TE.detach() + self.expert_bias_E
         if cfg.n_groups > 1:
-            mask_TE = group_limited_mask(select_TE, cfg.n_groups, cfg.topk_groups)
+            mask_TE = group_limited_mask(select_TE, cfg.n_groups, cfg.topk_groups, cfg.group_score)
             select_TE = select_TE.masked_fill(~mask_TE, float("-inf"))
         topk_idx_TK = select_TE.topk(cfg.top_k, dim=-1).indices
         topk_scores_TK = scores_TE.gather(1, topk_idx_TK)

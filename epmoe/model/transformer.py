@@ -1,7 +1,8 @@
-"""Decoder-only LM: embeddings, pre-norm blocks (RMSNorm, RoPE causal attention, dense or MoE
-FFN), a final norm and the LM head. Written for one device; no torch.distributed here.
+"""Decoder-only LM: embeddings, pre-norm blocks (RMSNorm, RoPE causal attention from
+attention.py, dense or MoE FFN), a final norm and the LM head. Written for one device; no
+torch.distributed here.
 
-Shape key: B batch, S sequence length, D model width, H heads, Dh head size, V vocab.
+Shape key: B batch, S sequence length, D model width, R rotary frequencies, V vocab.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from epmoe.config import ModelConfig, RouterConfig
+from epmoe.model.attention import make_attention, rope_tables, rotated_dims
 from epmoe.model.experts import MLP
 from epmoe.model.moe import MoE
 from epmoe.model.router import Routing
@@ -26,46 +27,12 @@ def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
     return (layer - cfg.first_dense_layers) % cfg.moe_every == 0
 
 
-def rope_tables(max_seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos_SR, sin_SR with R = head_dim / 2 rotation frequencies."""
-    inv_freq_R = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles_SR = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq_R)
-    return angles_SR.cos(), angles_SR.sin()
-
-
-def apply_rope(x_BHSDh: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
-    """Rotate (even, odd) pairs of each head by position-dependent angles."""
-    S = x_BHSDh.shape[2]
-    x1, x2 = x_BHSDh[..., 0::2], x_BHSDh[..., 1::2]
-    cos, sin = cos_SR[:S].to(x_BHSDh.dtype), sin_SR[:S].to(x_BHSDh.dtype)
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.flatten(-2)  # (..., R, 2) -> (..., Dh), pairs back in place
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, out_init_scale: float):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        nn.init.normal_(self.qkv.weight, std=1 / math.sqrt(cfg.d_model))
-        nn.init.normal_(self.out.weight, std=out_init_scale / math.sqrt(cfg.d_model))
-
-    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        qkv = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, S, Dh)
-        q, k = apply_rope(q, cos_SR, sin_SR), apply_rope(k, cos_SR, sin_SR)
-        y_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y_BHSDh.transpose(1, 2).reshape(B, S, D))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, layer: int):
         super().__init__()
         out_scale = 1 / math.sqrt(2 * cfg.n_layers)  # residual branches start small (GPT-2)
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg, out_scale)
+        self.attn = make_attention(cfg, out_scale)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.is_moe = is_moe_layer(cfg, layer)
         self.ffn: nn.Module = (
@@ -102,15 +69,15 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         else:
             nn.init.normal_(self.head.weight, std=0.02)
-        cos_SR, sin_SR = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
-        self.register_buffer("cos_SR", cos_SR, persistent=False)
-        self.register_buffer("sin_SR", sin_SR, persistent=False)
 
     def forward(self, tokens_BS: torch.Tensor) -> LMOutput:
         x_BSD = self.embed(tokens_BS)
+        # built per call for this length (S x R, small): a table for an imported model's whole
+        # context (max_position_embeddings, 128k and more) would not be
+        cos_SR, sin_SR = rope_tables(tokens_BS.shape[1], rotated_dims(self.cfg), self.cfg.rope_theta, x_BSD.device)
         routings = []
         for block in self.blocks:
-            x_BSD, routing = block(x_BSD, self.cos_SR, self.sin_SR)
+            x_BSD, routing = block(x_BSD, cos_SR, sin_SR)
             if routing is not None:
                 routings.append(routing)
         logits_BSV = self.head(self.norm(x_BSD))

@@ -41,15 +41,28 @@ def expert_file(ep_rank: int) -> str:
 ARCHITECTURE = (
     *(f"model.{f}" for f in ("vocab_size", "d_model", "n_layers", "n_heads", "rope_theta", "norm_eps",
                              "num_experts", "moe_every", "first_dense_layers", "dense_hidden", "expert_hidden",
-                             "activation", "n_shared_experts", "shared_hidden", "exchange_dim", "tie_embeddings")),
+                             "activation", "n_shared_experts", "shared_hidden", "exchange_dim", "tie_embeddings",
+                             "n_kv_heads", "head_dim", "qk_norm", "qkv_bias", "out_bias", "rope_interleaved",
+                             "attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                             "v_head_dim", "shared_gate")),
     *(f"router.{f}" for f in ("top_k", "score_func", "renormalize", "routed_scaling", "n_groups", "topk_groups",
-                              "capacity_factor", "drop_policy")),
+                              "group_score", "capacity_factor", "drop_policy")),
 )  # fmt: skip
+# Fields added to ARCHITECTURE after format 3 was first written, with the value that computes what
+# a checkpoint from before them computed: a manifest without one holds that value.
+ADDED_LATER = {
+    **{f"model.{f}": v for f, v in (("n_kv_heads", 0), ("head_dim", 0), ("qk_norm", "none"), ("qkv_bias", False),
+                                    ("out_bias", False), ("rope_interleaved", True), ("attention", "standard"),
+                                    ("q_lora_rank", 0), ("kv_lora_rank", 0), ("qk_nope_head_dim", 0),
+                                    ("qk_rope_head_dim", 0), ("v_head_dim", 0), ("shared_gate", False))},
+    "router.group_score": "top2_sum",
+}  # fmt: skip
 # Every other model and router field, and why a resume may change it.
 NOT_ARCHITECTURE = {
     "model.max_seq_len": "bounds the input length only (a non-persistent RoPE table): on every sequence both "
     "lengths accept the function is the same, so a resume may extend the context",
     "model.expert_impl": "an implementation (loop, grouped) of the same expert function",
+    "model.family": "which Hugging Face family an export writes; the function is the other fields'",
     "router.aux_loss": "a training loss: changes the gradients, not the function",
     "router.aux_loss_coef": "a training loss coefficient",
     "router.z_loss_coef": "a training loss coefficient",
@@ -71,6 +84,7 @@ def architecture(cfg: Config) -> dict[str, Any]:
 
 def architecture_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """["model.n_heads 4 (saved) vs 2 (now)", ...] in ARCHITECTURE order; empty when they agree."""
+    saved = {**ADDED_LATER, **saved}
     return [f"{k} {saved.get(k)} (saved) vs {now[k]} (now)" for k in ARCHITECTURE if saved.get(k) != now[k]]
 
 
@@ -237,8 +251,10 @@ def _check_architecture(m: dict) -> None:
     for section in (f.name for f in fields(Config)):
         _field(config, section, dict, "config.")
     for key in ARCHITECTURE:
-        value = _field(arch, key, (int, float, str, bool, type(None)), "architecture.")
         section, name = key.split(".")
+        if key in ADDED_LATER and key not in arch and name not in config[section]:
+            continue  # written before the field existed (its config lacks it too): it held ADDED_LATER's value
+        value = _field(arch, key, (int, float, str, bool, type(None)), "architecture.")
         if name not in config[section] or config[section][name] != value:
             raise ManifestError(f"'architecture.{key}' ({value}) differs from 'config.{key}'")
 
