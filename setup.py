@@ -55,6 +55,7 @@ setup(
             "epmoe-train=epmoe.train.__main__:main",
             "epmoe-launch=epmoe.launch.__main__:main",
             "epmoe-checkpoint=epmoe.train.checkpoint_cli:main",
+            "epmoe-hf=epmoe.hf.__main__:main",
         ]
     },
 )

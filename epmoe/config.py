@@ -172,6 +172,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 0  # keep the newest N complete checkpoints; 0 = keep all
     resume: str | None = None  # a checkpoint directory (checkpoints/step_<N>), or a run directory holding them
+    # a Hugging Face model folder (config.json + safetensors): the model and router come from its
+    # config.json, the weights from its files (each rank reads only its own experts); step 0 otherwise
+    init_from: str | None = None
     sample_bytes: int = 200  # length of the generated text sample at the end; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     device: Device = Device.auto

@@ -12,9 +12,11 @@ COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_
               max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6)  # fmt: skip
 
 
-def tiny_configs() -> dict:
+def tiny_configs(vocab_size: int = 96) -> dict:
+    """vocab_size >= 256 makes a model that trains on bytes (no tokenizer.json in its folder)."""
     import transformers as tr
 
+    COMMON = {**globals()["COMMON"], "vocab_size": vocab_size}  # noqa: N806
     return {
         "mixtral": tr.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
         "qwen2_moe": tr.Qwen2MoeConfig(**COMMON, intermediate_size=40, moe_intermediate_size=16,
@@ -37,13 +39,13 @@ def tiny_configs() -> dict:
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "llama", "qwen3"]
 
 
-def build(family: str, seed: int = 0):
+def build(family: str, seed: int = 0, vocab_size: int = 96):
     """A `transformers` model of the family with every weight and buffer drawn from N(0, 0.3^2)
     (norm weights around 1, so the model stays well scaled), in eval mode."""
     import transformers as tr
 
     torch.manual_seed(seed)
-    model = tr.AutoModelForCausalLM.from_config(tiny_configs()[family], dtype=torch.float32)
+    model = tr.AutoModelForCausalLM.from_config(tiny_configs(vocab_size)[family], dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
@@ -53,7 +55,7 @@ def build(family: str, seed: int = 0):
     return model.eval()
 
 
-def save(family: str, folder: Path, seed: int = 0) -> Path:
+def save(family: str, folder: Path, seed: int = 0, vocab_size: int = 96) -> Path:
     """Write the family's tiny model as a Hugging Face folder (the published per-expert layout)."""
-    build(family, seed).save_pretrained(folder)
+    build(family, seed, vocab_size).save_pretrained(folder)
     return folder

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from epmoe.config import ConfigError
 
-class HFError(ValueError):
-    """An import or export that cannot be done; the message names the tensor, key or file."""
+
+class HFError(ConfigError):
+    """An import or export that cannot be done; the message names the tensor, key or file (a
+    ConfigError: the CLIs print it in one line and exit 2)."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from epmoe.config import Config, ConfigError, bad_choice, choice_type, field_types, register_configs
+from epmoe.hf.convert import config_from_hf
 from epmoe.train import checkpoint_files
 from epmoe.validate import validate
 
@@ -114,15 +115,21 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def with_checkpoint_config(composed: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """Under train.resume: the checkpoint's saved config with what `overrides` set on top (see the
-    module docstring); else `composed` unchanged. Raises CheckpointError if there is no checkpoint."""
+    module docstring). Under train.init_from (and no resume): the Hugging Face folder's model,
+    router and tokenizer with what `overrides` set on top. Else `composed` unchanged. Raises
+    CheckpointError if there is no checkpoint, HFError if the folder cannot be imported."""
     resume = OmegaConf.select(composed, "train.resume")
-    if not resume:
+    init_from = OmegaConf.select(composed, "train.init_from")
+    if resume:
+        saved = checkpoint_files.readable(Path(resume))[1]["config"]
+        try:
+            base = OmegaConf.merge(OmegaConf.structured(Config), saved)
+        except Exception as e:  # a checkpoint of an older schema
+            raise ConfigError(f"the config saved in {resume} does not fit this version's: {config_error(e)}") from None
+    elif init_from:
+        base = OmegaConf.structured(config_from_hf(Path(init_from).expanduser()))
+    else:
         return composed
-    saved = checkpoint_files.readable(Path(resume))[1]["config"]
-    try:
-        base = OmegaConf.merge(OmegaConf.structured(Config), saved)
-    except Exception as e:  # a checkpoint of an older schema
-        raise ConfigError(f"the config saved in {resume} does not fit this version's: {config_error(e)}") from None
     now = _leaves(OmegaConf.to_container(composed, enum_to_str=True))
     defaults = _leaves(OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True))
     named = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}

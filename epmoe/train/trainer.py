@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from epmoe.comm.process import all_reduce_sum_, ranks_on_this_node, restart_count
 from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
+from epmoe.hf.convert import load_weights
 from epmoe.host_memory import retain_freed_host_memory
-from epmoe.model.moe import moe_layers
+from epmoe.model.moe import moe_layers, named_moe_layers
 from epmoe.model.transformer import Transformer
 from epmoe.parallel.parallelize import Parallel, parallelize
 from epmoe.parallel.timing import run_summary
@@ -97,8 +98,11 @@ class Trainer:
         torch.manual_seed(t_cfg.seed)
 
         self.data: TokenSplits = load_splits(cfg.data, cfg.model.vocab_size)
-        self.model = Transformer(cfg.model, cfg.router).to(self.device)  # the same weights on every rank (seeded)
-        self.par = parallelize(self.model, cfg, self.device)
+        if t_cfg.init_from and not t_cfg.resume:
+            self.model, self.par = self._import_model(Path(t_cfg.init_from).expanduser())
+        else:
+            self.model = Transformer(cfg.model, cfg.router).to(self.device)  # the same weights on every rank (seeded)
+            self.par = parallelize(self.model, cfg, self.device)
         self.lock = self._lock_run_dir()
         self.engine = build_engine(self.model, t_cfg, self.par, self.device)
         self.num_moe_layers = len(moe_layers(self.model))
@@ -119,6 +123,23 @@ class Trainer:
         self.bar: tqdm | None = None
         self.loggers: Loggers | None = None
         self.stopped = False  # by a signal, with its checkpoint saved
+
+    def _import_model(self, hf_dir: Path) -> tuple[Transformer, Parallel]:
+        """train.init_from: built on `meta`, parallelised, then only this rank's shards are
+        materialised and read from the Hugging Face files (its own experts, never the others')."""
+        with torch.device("meta"):
+            model = Transformer(self.cfg.model, self.cfg.router)
+        par = parallelize(model, self.cfg, self.device)
+        model.to_empty(device=self.device)
+        layers = named_moe_layers(model)
+        ids = {name: (par.placement.experts_on_rank(y, par.ep_rank) if par.placement is not None
+                      else list(range(self.cfg.model.num_experts)))
+               for y, (name, _) in enumerate(layers)}  # fmt: skip
+        folder = load_weights(model, self.cfg, hf_dir, ids)
+        if par.info.is_main:
+            print(f"imported {hf_dir} ({self.cfg.model.family}): rank 0 read {folder.bytes_read / 1e6:,.1f} MB of "
+                  "its tensors", file=sys.stderr)  # fmt: skip
+        return model, par
 
     def _lock_run_dir(self) -> RunLock | None:
         """Rank 0 takes the run directory's lock; every rank raises if it could not (a collective)."""
