@@ -9,6 +9,7 @@ from setuptools import setup
 
 PACKAGES = {
     "epmoe": "epmoe",
+    "epmoe.data": "epmoe/data",
     "epmoe.hf": "epmoe/hf",
     "epmoe.model": "epmoe/model",
     "epmoe.parallel": "epmoe/parallel",
@@ -40,14 +41,16 @@ setup(
         "scipy>=1.9",
         "safetensors>=0.4",
         "tokenizers>=0.19",
-        "transformers>=4.51",  # the reference the Hugging Face import is tested against
     ],
     extras_require={
         # MPI without a system MPI: the mpich wheel brings libmpi and mpiexec into the venv
         "mpi": ["mpi4py>=4", "mpich"],
         # the DeepSpeed runner (launcher=deepspeed); pure Python, its ops compile on first use only
         "deepspeed": ["deepspeed>=0.14"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100", "setuptools>=70.1",
+        # epmoe reads and writes Hugging Face folders itself; transformers is the reference its tests
+        # compare against, and what loads an export
+        "hf": ["transformers>=4.51"],
+        "dev": ["transformers>=4.51", "pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100", "setuptools>=70.1",
                 "mpi4py>=4", "mpich", "deepspeed>=0.14"],
     },
     entry_points={

@@ -175,7 +175,7 @@ class TrainConfig:
     # a Hugging Face model folder (config.json + safetensors): the model and router come from its
     # config.json, the weights from its files (each rank reads only its own experts); step 0 otherwise
     init_from: str | None = None
-    sample_bytes: int = 200  # length of the generated text sample at the end; 0 = off
+    sample_bytes: int = 200  # tokens (bytes for byte-level data) of the text sampled at the end; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     device: Device = Device.auto
     # how long a collective waits for the other ranks before the job ends with an error (a dead or hung peer)

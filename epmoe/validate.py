@@ -157,10 +157,13 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
         raise ConfigError(f"data.kind={d.kind} needs data.path (a file or folder)")
     if d.kind == "stdlib" and d.path:
         raise ConfigError(f"data.path ({d.path}) is not read by data.kind=stdlib; use data=text, jsonl or bin")
-    if d.kind != "bin" and m.vocab_size < 256:
+    if d.kind == "bin" and d.tokenizer is not None:
+        raise ConfigError(f"data.tokenizer ({d.tokenizer}) tokenizes text; data.kind=bin holds token ids already, "
+                          "so drop data.tokenizer")  # fmt: skip
+    if d.kind != "bin" and d.tokenizer is None and m.vocab_size < 256:
         raise ConfigError(
             f"model.vocab_size ({m.vocab_size}) must be >= 256 for byte-level data.kind={d.kind}; "
-            "token ids come with data.kind=bin"
+            "token ids come with data.tokenizer or data.kind=bin"
         )
     _positive("data.seq_len", d.seq_len)
     if d.seq_len > m.max_seq_len:

@@ -59,3 +59,19 @@ def save(family: str, folder: Path, seed: int = 0, vocab_size: int = 96) -> Path
     """Write the family's tiny model as a Hugging Face folder (the published per-expert layout)."""
     build(family, seed, vocab_size).save_pretrained(folder)
     return folder
+
+
+def save_tokenizer(folder: Path, texts: list[str], vocab_size: int, eos: str = "<|endoftext|>") -> Path:
+    """A byte-level BPE tokenizer.json trained with the `tokenizers` library on `texts`, with `eos`
+    as its only special token, written into `folder` (beside a model's files, as a hub folder has it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder

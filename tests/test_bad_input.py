@@ -65,7 +65,7 @@ def test_unusable_data_is_one_line_and_exit_2(tmp_path: Path, kind: str, make, e
     [
         (["train.collective_timeout_s=0"], "train.collective_timeout_s (0.0) must be > 0 and finite"),
         (["model.vocab_size=100"], "model.vocab_size (100) must be >= 256 for byte-level data.kind=stdlib; "
-                                   "token ids come with data.kind=bin"),
+                                   "token ids come with data.tokenizer or data.kind=bin"),
         (["train.beta2=1.0"], "train.beta2 (1.0) must be in [0, 1)"),
     ],
 )  # fmt: skip

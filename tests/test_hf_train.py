@@ -70,3 +70,21 @@ def test_import_cli_writes_a_step_0_checkpoint_and_refuses_bad_input_in_one_line
     assert hf_main(["import", str(tmp_path / "nowhere"), str(tmp_path / "run2")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no config.json" in err
+
+
+def test_a_folder_missing_a_tensor_is_refused_before_ranks_start(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    hf_dir = save("qwen3_moe", tmp_path / "q", vocab_size=256)
+    tensors = load_file(hf_dir / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(tensors, hf_dir / "model.safetensors")
+    proc = subprocess.run(
+        [sys.executable, "-m", "epmoe.launch", f"train.init_from={hf_dir}", "launcher=torchrun",
+         "launcher.nproc_per_node=2", "parallel.ep=2", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "missing tensor model.layers.1.mlp.experts.3.up_proj.weight" in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written

@@ -22,3 +22,5 @@ def test_wheel_installs_comm_and_launch_inside_epmoe_only(tmp_path: Path) -> Non
     for expected in ("epmoe/comm/__init__.py", "epmoe/launch/__init__.py", "epmoe/conf/config.yaml",
                      "epmoe/conf/model/moe_small.yaml", "epmoe/train/__main__.py"):  # fmt: skip
         assert expected in names
+    for package in (REPO / "epmoe").rglob("__init__.py"):  # every package under epmoe/, none forgotten in setup.py
+        assert str(package.relative_to(REPO)) in names

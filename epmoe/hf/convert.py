@@ -1,5 +1,6 @@
 """Hugging Face folders in and out: `from_pretrained`, `load_weights` (into a model that may
-hold only some experts), `save_pretrained`.
+hold only some experts), `load_parallel` (a rank's shards under expert parallelism),
+`save_pretrained`.
 
 Reading goes through `safetensors.safe_open` slices: a rank under expert parallelism reads the
 non-expert tensors and its own experts' rows, never the rest (`SafetensorsFolder.bytes_read`
@@ -23,7 +24,9 @@ from torch import nn
 from epmoe.config import Config, ConfigError, DataConfig
 from epmoe.hf.families import Adapter, family_of
 from epmoe.hf.links import HFError, Link, check_complete, their_shape
+from epmoe.model.moe import named_moe_layers
 from epmoe.model.transformer import Transformer
+from epmoe.parallel.parallelize import Parallel, parallelize
 from epmoe.validate import validate_model
 
 INDEX = "model.safetensors.index.json"
@@ -159,6 +162,20 @@ def load_weights(
                 dest = dest[link.ours_rows[0] : link.ours_rows[1]]
             dest.copy_(piece)
     return folder
+
+
+def load_parallel(cfg: Config, hf_dir: Path, device: torch.device) -> tuple[Transformer, Parallel, SafetensorsFolder]:
+    """train.init_from: the model built on `meta`, parallelised (a collective when world > 1),
+    then only this rank's shards materialised and read from the files (its own experts, never
+    the others'). Returns the model, its Parallel and the folder (its `bytes_read`)."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.router)
+    par = parallelize(model, cfg, device)
+    model.to_empty(device=device)
+    every = list(range(cfg.model.num_experts))
+    ids = {name: (par.placement.experts_on_rank(y, par.ep_rank) if par.placement is not None else every)
+           for y, (name, _) in enumerate(named_moe_layers(model))}  # fmt: skip
+    return model, par, load_weights(model, cfg, hf_dir, ids)
 
 
 def from_pretrained(hf_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Config, Transformer]:

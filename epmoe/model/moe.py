@@ -42,8 +42,13 @@ class MoE(nn.Module):
             nn.init.normal_(self.ascend.weight, std=out_init_scale / math.sqrt(width))
         # n shared experts of hidden h are one MLP of hidden n*h (DeepSeekMoE)
         self.shared = (
-            MLP(cfg.d_model, cfg.n_shared_experts * cfg.shared_hidden, cfg.activation, out_init_scale,
-                output_gate=cfg.shared_gate)
+            MLP(
+                cfg.d_model,
+                cfg.n_shared_experts * cfg.shared_hidden,
+                cfg.activation,
+                out_init_scale,
+                output_gate=cfg.shared_gate,
+            )
             if cfg.n_shared_experts > 0
             else None
         )

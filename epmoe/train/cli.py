@@ -133,6 +133,9 @@ def with_checkpoint_config(composed: DictConfig, overrides: Sequence[str]) -> Di
     now = _leaves(OmegaConf.to_container(composed, enum_to_str=True))
     defaults = _leaves(OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True))
     named = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    if not resume:  # the folder's base is epmoe's defaults but for model, router, data.tokenizer and
+        # data.seq_len: a group chosen (`data=text`) counts with the values it changes, not all its keys
+        named = {key for key in named if "." in key}
     explicit = {k for k in now if now[k] != defaults.get(k) or any(k == n or k.startswith(f"{n}.") for n in named)}
     for key in sorted(explicit):
         OmegaConf.update(base, key, OmegaConf.select(composed, key), merge=False)

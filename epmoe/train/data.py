@@ -1,11 +1,15 @@
 """Token streams for training and validation, and deterministic batch sampling.
 
-Byte-level by default (vocab 256, nothing downloaded). Sources:
+Byte-level by default (vocab 256, nothing downloaded), or tokenized by `data.tokenizer` (a
+Hugging Face tokenizer.json; an imported model's own by default). Sources:
 - `stdlib`: the `.py` files of the running Python's standard library (real text that every
   machine has), split into train/val by file;
 - `text`: a text file (split by position) or a folder of text files (split by file);
 - `jsonl`: one JSON object per line with a `text` field (split by document);
 - `bin`: a flat uint16 token memmap (split by position; vocab taken from the model).
+
+Documents are joined by one boundary token (NUL; the tokenizer's EOS). The validation split's
+bytes per token turns its loss per token into bits per byte (epmoe.data.tokenizer).
 
 A batch depends only on (seed, split, step, micro-step), so a resumed run draws the same
 batches as an uninterrupted one without storing a data position.
@@ -26,17 +30,17 @@ import numpy as np
 import torch
 
 from epmoe.config import DataConfig
-
-
-class DataError(ValueError):
-    """A data source that cannot be used; the message names it and what would work."""
+from epmoe.data.errors import DataError
+from epmoe.data.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass
 class TokenSplits:
-    train: torch.Tensor  # 1-D int64 tokens (uint8 bytes or uint16 ids widened lazily)
+    train: torch.Tensor  # 1-D tokens (uint8 bytes, int32 tokenizer ids, uint16 ids), widened per batch
     val: torch.Tensor
     description: str
+    tokenizer: Tokenizer | None  # None for token files (data.kind=bin): ids without text
+    val_bytes_per_token: float | None  # of the val split; None where the bytes are unknown (bin)
 
 
 def _is_val(name: str, val_fraction: float) -> bool:
@@ -44,20 +48,18 @@ def _is_val(name: str, val_fraction: float) -> bool:
     return zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000
 
 
-def _concat(docs: list[bytes]) -> torch.Tensor:
-    # documents are separated by a NUL byte so a window can see where one ends
-    joined = b"\0".join(docs)
-    return torch.frombuffer(bytearray(joined), dtype=torch.uint8)
-
-
 def _split_docs(
-    named_docs: list[tuple[str, bytes]], val_fraction: float, what: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+    named_docs: list[tuple[str, bytes]], val_fraction: float, what: str, tokenizer: Tokenizer
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """train tokens, val tokens and the val split's bytes per token; documents joined by the
+    boundary token so that a window can see where one ends."""
     train = [d for n, d in named_docs if not _is_val(n, val_fraction)]
     val = [d for n, d in named_docs if _is_val(n, val_fraction)]
-    if not val or not train:  # too few documents to split by name: split the last one by position
-        return _split_position(_concat([d for _, d in named_docs]), val_fraction, what)
-    return _concat(train), _concat(val)
+    if not val or not train:  # too few documents to split by name: split the stream by position
+        every = tokenizer.encode_docs([d for _, d in named_docs])
+        return *_split_position(every.tokens, val_fraction, what), every.n_bytes / len(every.tokens)
+    held_out = tokenizer.encode_docs(val)
+    return tokenizer.encode_docs(train).tokens, held_out.tokens, held_out.n_bytes / max(len(held_out.tokens), 1)
 
 
 def _split_position(tokens: torch.Tensor, val_fraction: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +196,10 @@ def fingerprint(cfg: DataConfig) -> dict:
         name = str(p.relative_to(root)) if root.is_dir() else p.name
         sha = _head_tail_sha256(p, stat.st_size)
         out[name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_ends": sha}
-    return {"kind": str(cfg.kind), "path": str(root), "files": out}
+    source = {"kind": str(cfg.kind), "path": str(root), "files": out}
+    if cfg.tokenizer is not None:  # {"path", "sha256"} of the tokenizer.json (absent for bytes)
+        source["tokenizer"] = load_tokenizer(cfg.tokenizer).identity()
+    return source
 
 
 def _check_windows(train: torch.Tensor, val: torch.Tensor, seq_len: int, what: str) -> None:
@@ -211,7 +216,8 @@ def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
     """Read the configured source and split it into train and val token streams.
 
     Raises DataError (one line) for a path that does not exist, an empty or too small corpus,
-    binary or non-UTF-8 files in text data, bad jsonl lines, and token files that do not fit.
+    binary or non-UTF-8 files in text data, bad jsonl lines, token files or a tokenizer that do
+    not fit the model's vocabulary.
     """
     path = check_source(cfg)
     if path is None:
@@ -227,15 +233,17 @@ def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
                 )
             train, val = _split_position(tokens, cfg.val_fraction, what)
             _check_windows(train, val, cfg.seq_len, what)
-            return TokenSplits(train, val, f"{what} ({len(tokens):,} uint16 tokens)")
+            return TokenSplits(train, val, f"{what} ({len(tokens):,} uint16 tokens)", None, None)
         docs = _read_jsonl(path) if cfg.kind == "jsonl" else _read_text(path)
-    if vocab_size < 256:
-        raise DataError(f"byte-level data needs model.vocab_size >= 256, got {vocab_size}")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer.check_vocab(vocab_size)
     if sum(len(d) for _, d in docs) == 0:
         raise DataError(f"{what} holds no text")
-    train, val = _split_docs(docs, cfg.val_fraction, what)
+    train, val, val_bytes_per_token = _split_docs(docs, cfg.val_fraction, what, tokenizer)
     _check_windows(train, val, cfg.seq_len, what)
-    return TokenSplits(train, val, f"{what} ({len(docs):,} documents, {len(train) + len(val):,} bytes)")
+    unit = "bytes" if cfg.tokenizer is None else f"tokens of {cfg.tokenizer}"
+    return TokenSplits(train, val, f"{what} ({len(docs):,} documents, {len(train) + len(val):,} {unit})",
+                       tokenizer, val_bytes_per_token)  # fmt: skip
 
 
 def sample_batch(

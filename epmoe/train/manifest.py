@@ -92,12 +92,21 @@ def _names(names: list[str], most: int = 5) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def _tokenizer(source: dict) -> str:
+    """A fingerprint's tokenizer in words; absent = bytes (also in manifests from before tokenizers)."""
+    t = source.get("tokenizer")
+    return "bytes" if t is None else f"{t['path']} (sha256 {t['sha256'][:12]})"
+
+
 def data_source_changes(saved: dict, now: dict) -> list[str]:
-    """What differs between two `data.fingerprint`s: kind, path, files added / removed / changed.
+    """What differs between two `data.fingerprint`s: kind, path, tokenizer, files added / removed /
+    changed.
 
     A file changed if its size or its hashed ends differ, or its mtime where the hash does not
     cover the whole file (a copy of a small file with a new mtime is the same data)."""
     out = [f"data.{k} {saved[k]} (saved) -> {now[k]} (now)" for k in ("kind", "path") if saved[k] != now[k]]
+    if (was := _tokenizer(saved)) != (is_ := _tokenizer(now)):
+        out.append(f"data.tokenizer {was} (saved) -> {is_} (now)")
     old, new = saved["files"], now["files"]
 
     def changed(a: dict, b: dict) -> bool:

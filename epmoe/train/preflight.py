@@ -3,10 +3,11 @@
 The launcher calls `check` once, before it starts a rank; every rank calls it again (runs
 started by `torchrun -m epmoe.train` directly skip the launcher). Each failure is one line
 naming the value and the fix, raised as ConfigError, DataError or CheckpointError:
-1. the data path is readable and not empty;
+1. the data path is readable and not empty, and data.tokenizer loads and fits model.vocab_size;
 2. the run directory is writable (its nearest existing folder), no other run holds it, and it
    holds no earlier run's checkpoints unless this run resumes them;
-3. the resume target exists, its manifest is valid, and train.steps goes beyond its step;
+3. the resume target exists, its manifest is valid, and train.steps goes beyond its step; or
+   the train.init_from folder's tensors are exactly those of the configured model (headers only);
 4. the model's parameters and optimizer state (and a rough share of activations) fit in the
    memory this node's ranks share;
 5. the run directory's filesystem has room for one checkpoint of this model; train.threads
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 from epmoe.config import Config, ConfigError, DataConfig
+from epmoe.data.tokenizer import load_tokenizer
+from epmoe.hf.convert import plan as hf_plan
 from epmoe.model.size import ParameterCounts, parameter_counts
 from epmoe.train import checkpoint_files, run_lock
 from epmoe.train.data import DataError, check_source
@@ -40,10 +43,12 @@ def check(cfg: Config, run_dir: Path, ranks_on_node: int, restart: int = 0, lock
     this machine. ranks_on_node: ranks that share this node's memory. restart > 0: a restarted
     job (torchrun, a Slurm requeue) continuing its own run directory. lock: check that no run
     holds the run directory (the ranks skip it: their rank 0 takes the lock itself)."""
-    _check_data(cfg.data)
+    _check_data(cfg.data, cfg.model.vocab_size)
     _check_run_dir(Path(run_dir), resuming=bool(cfg.train.resume) or restart > 0, lock=lock)
     if cfg.train.resume:
         check_resume(cfg, Path(cfg.train.resume))
+    elif cfg.train.init_from:  # every tensor of the folder fits the model and none is missing (headers only)
+        hf_plan(Path(cfg.train.init_from).expanduser(), cfg)
     counts = parameter_counts(cfg.model, cfg.router)
     _check_memory(cfg, counts, ranks_on_node)
     _check_disk(Path(run_dir), counts)
@@ -65,7 +70,8 @@ def check_resume(cfg: Config, target: Path) -> int:
     return step
 
 
-def _check_data(d: DataConfig) -> None:
+def _check_data(d: DataConfig, vocab_size: int) -> None:
+    load_tokenizer(d.tokenizer).check_vocab(vocab_size)  # a tokenizer that loads and fits the model
     path = check_source(d)
     if path is None:
         return

@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from epmoe.comm.process import all_reduce_sum_, ranks_on_this_node, restart_count
 from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
-from epmoe.hf.convert import load_weights
+from epmoe.hf.convert import load_parallel
 from epmoe.host_memory import retain_freed_host_memory
-from epmoe.model.moe import moe_layers, named_moe_layers
+from epmoe.model.moe import moe_layers
 from epmoe.model.transformer import Transformer
 from epmoe.parallel.parallelize import Parallel, parallelize
 from epmoe.parallel.timing import run_summary
@@ -60,11 +60,18 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # training loss (cross-entropy) per step run
     val_loss: float | None = None  # final held-out cross-entropy, nats per token
     checkpoint: Path | None = None
+    val_bytes_per_token: float | None = 1.0  # of the held-out text; None for token files (bin)
+
+    @property
+    def val_bits_per_token(self) -> float | None:
+        return None if self.val_loss is None else self.val_loss / LN2
 
     @property
     def val_bpb(self) -> float | None:
-        """Held-out bits per token (per byte for byte-level data)."""
-        return None if self.val_loss is None else self.val_loss / LN2
+        """Held-out bits per byte of text, whatever the tokenizer: bits/token / (bytes/token);
+        None for token files, whose bytes are unknown."""
+        bits, per_token = self.val_bits_per_token, self.val_bytes_per_token
+        return None if bits is None or per_token is None else bits / per_token
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,24 +125,14 @@ class Trainer:
         self.trace = RoutingTrace(self.log_cfg.routing_trace_every, self.log_cfg.routing_trace_tokens,
                                   cfg.model.num_experts, self.par.dims.ep, self.par.info.world)  # fmt: skip
         self.hooks = build_hooks(self)
-        self.result = TrainResult(run_dir)
+        self.result = TrainResult(run_dir, val_bytes_per_token=self.data.val_bytes_per_token)
         self.tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum * self.par.info.world
         self.bar: tqdm | None = None
         self.loggers: Loggers | None = None
         self.stopped = False  # by a signal, with its checkpoint saved
 
     def _import_model(self, hf_dir: Path) -> tuple[Transformer, Parallel]:
-        """train.init_from: built on `meta`, parallelised, then only this rank's shards are
-        materialised and read from the Hugging Face files (its own experts, never the others')."""
-        with torch.device("meta"):
-            model = Transformer(self.cfg.model, self.cfg.router)
-        par = parallelize(model, self.cfg, self.device)
-        model.to_empty(device=self.device)
-        layers = named_moe_layers(model)
-        ids = {name: (par.placement.experts_on_rank(y, par.ep_rank) if par.placement is not None
-                      else list(range(self.cfg.model.num_experts)))
-               for y, (name, _) in enumerate(layers)}  # fmt: skip
-        folder = load_weights(model, self.cfg, hf_dir, ids)
+        model, par, folder = load_parallel(self.cfg, hf_dir, self.device)
         if par.info.is_main:
             print(f"imported {hf_dir} ({self.cfg.model.family}): rank 0 read {folder.bytes_read / 1e6:,.1f} MB of "
                   "its tensors", file=sys.stderr)  # fmt: skip
@@ -257,7 +254,9 @@ class Trainer:
             hook.after_update(self, self.completed, record, last)
         if t_cfg.eval_every and (self.completed % t_cfg.eval_every == 0 or last):
             self.result.val_loss = self.evaluate()
-            record.update(val_loss=self.result.val_loss, val_bpb=self.result.val_loss / LN2)
+            record.update(val_loss=self.result.val_loss, val_bits_per_token=self.result.val_bits_per_token)
+            if self.result.val_bpb is not None:
+                record["val_bpb"] = self.result.val_bpb
         self.loggers.log(record, console=self.completed % t_cfg.log_every == 0 or "val_loss" in record or last)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         self.bar.update(1)
@@ -278,10 +277,13 @@ class Trainer:
                 "exchange per MoE layer, mean ms/step: in flight {mean_exchange_ms}, exposed {mean_exposed_ms}, "
                 "expert compute {mean_expert_ms}; hidden fraction {hidden_frac}".format(**timing)
             )
-        self.loggers.summary({"val_loss": result.val_loss, "val_bpb": result.val_bpb, "steps": cfg.train.steps,
+        self.loggers.summary({"val_loss": result.val_loss, "val_bpb": result.val_bpb,
+                              "val_bits_per_token": result.val_bits_per_token, "steps": cfg.train.steps,
                               **timing})  # fmt: skip
-        self.say(f"done: held-out {result.val_bpb:.4f} bits/token (cross-entropy {result.val_loss:.4f} nats)")
-        if cfg.train.sample_bytes and cfg.data.kind != "bin":
+        bits = (f"{result.val_bits_per_token:.4f} bits/token" if result.val_bpb is None
+                else f"{result.val_bpb:.4f} bits/byte")  # fmt: skip
+        self.say(f"done: held-out {bits} (cross-entropy {result.val_loss:.4f} nats/token)")
+        if cfg.train.sample_bytes and self.data.tokenizer is not None:
             self.say("sample:\n" + self.sample_text())  # every rank samples: the EP exchange needs them all
         if self.log_cfg.plots:
             self.say(f"plot: {plot_run(self.loggers.history, self.run_dir / 'training.png')}")
@@ -294,7 +296,7 @@ class Trainer:
         return result
 
     def sample_text(self) -> str:
-        """Continue the first line of a held-out window; bytes decoded leniently."""
+        """Continue the first held-out tokens, decoded by the data's tokenizer (bytes leniently)."""
         cfg, device = self.cfg, self.device
         prompt_S = self.data.val[: min(64, cfg.data.seq_len)].long().to(device)
         g = torch.Generator(device=device).manual_seed(cfg.train.seed)
@@ -302,7 +304,7 @@ class Trainer:
         with autocast(device, cfg.train.precision):
             tokens = self.model.generate(prompt_S, cfg.train.sample_bytes, generator=g)
         self.model.train()
-        return bytes(tokens.clamp(0, 255).tolist()).decode("utf-8", errors="replace")
+        return self.data.tokenizer.decode(tokens.tolist())
 
     def run(self) -> TrainResult:
         """2-4: resume, every step left, finish; or stop on a signal (stop.py) with a checkpoint."""
