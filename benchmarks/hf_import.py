@@ -56,8 +56,8 @@ def _hf_config(args: argparse.Namespace):
 
     return transformers.OlmoeConfig(
         vocab_size=50304, hidden_size=args.d_model, intermediate_size=args.d_model, num_hidden_layers=args.layers,
-        num_attention_heads=16, num_key_value_heads=16, num_experts=args.experts, num_experts_per_tok=8,
-        max_position_embeddings=4096, tie_word_embeddings=False,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=args.experts,
+        num_experts_per_tok=min(8, args.experts), max_position_embeddings=4096, tie_word_embeddings=False,
     )  # fmt: skip
 
 
@@ -138,7 +138,7 @@ def phase_rank(args: argparse.Namespace) -> dict:
     model, par, folder = load_parallel(cfg, args.folder, torch.device("cpu"))
     seconds = time.perf_counter() - t0
     peak = _peak_bytes()
-    own = {int(name.split(".")[1]): set(par.placement.experts_on_rank(y, par.ep_rank))
+    own = {int(name.split(".")[1]): {int(e) for e in par.placement.experts_on_rank(y, par.ep_rank)}
            for y, (name, _) in enumerate(named_moe_layers(model))}  # fmt: skip
     return {"rank": par.info.rank, "seconds": seconds, "peak": peak, "before": before,
             "bytes_read": folder.bytes_read, "expected_bytes": _expected_bytes(args.folder, own),

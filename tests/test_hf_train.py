@@ -1,6 +1,6 @@
-"""A Hugging Face model trained with expert parallelism and exported back: 5 steps of an OLMoE
-imported at EP=2 equal those at EP=1 (same global batch), and the exported folders load in
-`transformers` with the logits of the checkpoint epmoe trained."""
+"""Hugging Face models trained with expert parallelism and exported back: 5 steps of every family
+imported at EP=2 (and EP=1) equal one process's on the same global batch, and the exported folders
+load in `transformers` with the logits of the checkpoint epmoe trained."""
 
 from __future__ import annotations
 
@@ -22,39 +22,75 @@ transformers = pytest.importorskip("transformers")
 STEPS = 5
 
 
-def _launch(hf_dir: Path, run_dir: Path, ep: int) -> list[float]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "PYTHONHASHSEED": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "epmoe.launch", f"train.init_from={hf_dir}", "launcher=torchrun",
-         "launcher.nproc_per_node=2", f"parallel.ep={ep}", "train=smoke", f"train.steps={STEPS}",
-         "train.precision=fp32", "train.threads=1", "train.eval_batches=1", "train.sample_bytes=0", "data.seq_len=32",
-         "logger.progress=false", "logger.plots=false", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "imported" in proc.stderr
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+RUN = ["train=smoke", f"train.steps={STEPS}", "train.batch_size=2", "train.precision=fp32", "train.eval_batches=1",
+       "train.sample_bytes=0", "data.seq_len=32", "logger.progress=false", "logger.plots=false"]  # fmt: skip
 
 
-def test_an_imported_moe_trains_at_ep2_like_ep1_and_exports_to_transformers(tmp_path: Path) -> None:
-    hf_dir = save("olmoe", tmp_path / "olmoe", vocab_size=256)  # 256: it trains on bytes (no tokenizer.json)
-    losses = {ep: _launch(hf_dir, tmp_path / f"run_ep{ep}", ep) for ep in (2, 1)}
-    assert len(losses[2]) == STEPS
-    assert max(abs(a - b) / abs(b) for a, b in zip(losses[2], losses[1])) <= 1e-5
+def _train_worker(rank: int, port: int, jobs: list[tuple[list[str], str]], out: str) -> None:
+    """One rank of world 2 running every job in turn (one process group for all of them)."""
+    from epmoe.comm.process import end_process
+    from epmoe.train.cli import load_config
+    from epmoe.train.trainer import train
 
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")  # fmt: skip
+    torch.set_num_threads(1)
+    losses = [train(load_config(overrides), Path(run_dir)).losses for overrides, run_dir in jobs]
+    if rank == 0:
+        Path(out).write_text(json.dumps(losses))
+    end_process(0)
+
+
+def _trained_model(run_dir: Path):
+    """The single-device model of the run's final checkpoint, every expert (epmoe's own reading)."""
+    from omegaconf import OmegaConf
+
+    from epmoe.config import Config
+    from epmoe.model.transformer import Transformer
+    from epmoe.train import checkpoint_files, checkpoint_state
+
+    ckpt, manifest = checkpoint_files.readable(run_dir)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), manifest["config"]))
+    model = Transformer(cfg.model, cfg.router)
+    model.load_state_dict(checkpoint_state.consolidate(ckpt))
+    return model.eval()
+
+
+def test_every_family_trains_at_ep2_like_one_process_and_exports(tmp_path: Path, text_corpus: Path) -> None:
+    """5 steps of each family imported into world 2 at EP=2 (MoE families) and EP=1 equal one
+    process's on the same global batch; each exported folder loads in transformers with the
+    logits of the checkpoint epmoe trained."""
+    import torch.multiprocessing as mp
+
+    from epmoe.launch.commands import free_port
+    from epmoe.train.cli import load_config
+    from epmoe.train.trainer import train
+    from tests.hf_tiny import FAMILIES
+
+    data = ["data=text", f"data.path={text_corpus}"]
+    folders = {f: save(f, tmp_path / f, vocab_size=256) for f in FAMILIES}  # 256: trains on bytes
+    single = {f: train(load_config([*RUN, *data, f"train.init_from={folders[f]}", "train.batch_size=4"]),
+                       tmp_path / f"{f}_single").losses for f in FAMILIES}  # fmt: skip
+    jobs = [(f, ep) for f in FAMILIES for ep in ((2, 1) if f in MOE else (1,))]
+    work = [([*RUN, *data, f"train.init_from={folders[f]}", f"parallel.ep={ep}"], str(tmp_path / f"{f}_ep{ep}"))
+            for f, ep in jobs]  # fmt: skip
+    out = tmp_path / "losses.json"
+    mp.spawn(_train_worker, args=(free_port(), work, str(out)), nprocs=2)
     tokens_BS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    for ep in (2, 1):
-        out = tmp_path / f"exported_ep{ep}"
-        assert hf_main(["export", str(tmp_path / f"run_ep{ep}"), str(out)]) == 0
-        ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        ours = from_pretrained(out)[1].eval()
+    for (family, ep), losses in zip(jobs, json.loads(out.read_text())):
+        assert len(losses) == STEPS
+        worst = max(abs(a - b) / abs(b) for a, b in zip(losses, single[family]))
+        assert worst <= 1e-5, f"{family} at EP={ep}: relative loss difference {worst:.2e}"
+        exported = tmp_path / f"{family}_ep{ep}_hf"
+        assert hf_main(["export", str(tmp_path / f"{family}_ep{ep}"), str(exported)]) == 0
+        ref = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
         with torch.no_grad():
-            theirs_BSV, ours_BSV = ref(tokens_BS).logits, ours(tokens_BS).logits_BSV
-        assert (theirs_BSV - ours_BSV).abs().max().item() <= 1e-5
-        untrained = from_pretrained(hf_dir)[1].eval()
-        with torch.no_grad():
-            assert (untrained(tokens_BS).logits_BSV - ours_BSV).abs().max().item() > 1e-3  # it did train
+            theirs_BSV = ref(tokens_BS).logits
+            ours_BSV = _trained_model(tmp_path / f"{family}_ep{ep}")(tokens_BS).logits_BSV
+            untrained_BSV = from_pretrained(folders[family])[1].eval()(tokens_BS).logits_BSV
+        assert (theirs_BSV - ours_BSV).abs().max().item() <= 1e-5, family
+        assert (untrained_BSV - ours_BSV).abs().max().item() > 1e-3, family  # it did train
 
 
 def test_import_cli_writes_a_step_0_checkpoint_and_refuses_bad_input_in_one_line(tmp_path: Path, capsys) -> None:

@@ -39,8 +39,8 @@ def _export(args: argparse.Namespace) -> int:
     state = checkpoint_state.consolidate(ckpt)  # every expert in global order, whatever the EP degree
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.router)
-    model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)  # the loaded tensors themselves: no second copy
+    del state
     source = Path(cfg.train.init_from).expanduser() if cfg.train.init_from else None
     tokenizer = [f for f in (source / n for n in ("tokenizer.json", "tokenizer_config.json")) if f.is_file()] \
         if source and source.is_dir() else []  # fmt: skip

@@ -54,28 +54,33 @@ class SafetensorsFolder:
         else:
             raise HFError(f"{hf_dir} holds neither {SINGLE} nor {INDEX} (only safetensors weights are read)")
         self.dir, self.file_of = hf_dir, weight_map
-        self._open: dict[str, object] = {}
         self.bytes_read = 0
 
-    def _file(self, name: str):
-        file = self.file_of[name]
-        if file not in self._open:
-            if not (self.dir / file).is_file():
-                raise HFError(f"{self.dir / file} (holding {name}, says {INDEX}) does not exist")
-            self._open[file] = safe_open(self.dir / file, framework="pt")
-        return self._open[file]
+    def _path(self, name: str) -> Path:
+        path = self.dir / self.file_of[name]
+        if not path.is_file():
+            raise HFError(f"{path} (holding {name}, says {INDEX}) does not exist")
+        return path
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(self._file(name).get_slice(name).get_shape()) for name in self.file_of}
+        out = {}
+        for path in sorted({self._path(name) for name in self.file_of}):
+            with safe_open(path, framework="pt") as f:
+                mine = [name for name in f.keys() if self.file_of.get(name) == path.name]
+                out.update({name: tuple(f.get_slice(name).get_shape()) for name in mine})
+        return out
 
     def read(self, name: str, expert: int | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor `name`, or its row `expert`, or rows [a, b) of that: only those bytes are read."""
-        piece = self._file(name).get_slice(name)
-        if expert is not None:
-            t = piece[expert : expert + 1, rows[0] : rows[1]] if rows else piece[expert : expert + 1]
-            t = t[0]
-        else:
-            t = piece[rows[0] : rows[1]] if rows else piece[:]
+        # NOTE: the file is opened for this read only: an open file keeps mapped every page read
+        # through it, which counts in the resident set (twice the weights at the end of a load)
+        with safe_open(self._path(name), framework="pt") as f:
+            piece = f.get_slice(name)
+            if expert is not None:
+                t = piece[expert : expert + 1, rows[0] : rows[1]] if rows else piece[expert : expert + 1]
+                t = t[0]
+            else:
+                t = piece[rows[0] : rows[1]] if rows else piece[:]
         self.bytes_read += t.numel() * t.element_size()
         return t
 
