@@ -74,32 +74,25 @@ def phase_make(args: argparse.Namespace) -> dict:
     return {"params": sum(p.numel() for p in model.parameters()), "save_s": time.perf_counter() - t0}
 
 
+def _timed_load(load) -> dict:
+    """Seconds and peak resident set of `load()` (a model), with the resident set before it."""
+    before, t0 = _rss_bytes(), time.perf_counter()
+    model = load()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak": _peak_bytes(), "before": before,
+            "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+
+
 def phase_transformers(args: argparse.Namespace) -> dict:
     import transformers
 
-    before, t0 = _rss_bytes(), time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32)
-    seconds = time.perf_counter() - t0
-    return {
-        "seconds": seconds,
-        "peak": _peak_bytes(),
-        "before": before,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+    return _timed_load(lambda: transformers.AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32))
 
 
 def phase_epmoe(args: argparse.Namespace) -> dict:
     from epmoe.hf import from_pretrained
 
-    before, t0 = _rss_bytes(), time.perf_counter()
-    _, model = from_pretrained(args.folder)
-    seconds = time.perf_counter() - t0
-    return {
-        "seconds": seconds,
-        "peak": _peak_bytes(),
-        "before": before,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+    return _timed_load(lambda: from_pretrained(args.folder)[1])
 
 
 def _expected_bytes(folder: Path, own: dict[int, set[int]]) -> int:
