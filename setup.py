@@ -41,6 +41,7 @@ setup(
         "scipy>=1.9",
         "safetensors>=0.4",
         "tokenizers>=0.19",
+        "tensorboard>=2.14",  # logger=tensorboard, through torch.utils.tensorboard
     ],
     extras_require={
         # MPI without a system MPI: the mpich wheel brings libmpi and mpiexec into the venv

@@ -194,8 +194,23 @@ def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
 
     NOTE: NCCL reduces GPU tensors only: a CPU tensor (a scalar metric) makes a round trip.
     """
+    return _all_reduce_(tensor, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_max_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place maximum over `group` (the world when None), as all_reduce_sum_."""
+    return _all_reduce_(tensor, dist.ReduceOp.MAX, group)
+
+
+def _all_reduce_(tensor: torch.Tensor, op, group) -> torch.Tensor:
     if not dist.is_initialized():
         return tensor
+    if tensor.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        on_gpu = tensor.cuda()
+        dist.all_reduce(on_gpu, op=op, group=group)
+        return tensor.copy_(on_gpu)
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor
     if tensor.device.type == "cpu" and dist.get_backend(group) == "nccl":
         on_gpu = tensor.cuda()
         dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM, group=group)

@@ -177,6 +177,9 @@ class TrainConfig:
     init_from: str | None = None
     sample_bytes: int = 200  # tokens (bytes for byte-level data) of the text sampled at the end; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # the peak FLOP/s of one device that MFU divides by, in TFLOP/s; 0 = known GPUs' data-sheet
+    # peak (epmoe/train/throughput.py), or on CPU a short matmul probe at start
+    peak_tflops: float = 0.0
     device: Device = Device.auto
     # how long a collective waits for the other ranks before the job ends with an error (a dead or hung peer)
     collective_timeout_s: float = 600.0
@@ -200,6 +203,7 @@ class LoggerConfig:
     wandb_mode: WandbMode = WandbMode.offline
     wandb_project: str = "epmoe"
     wandb_entity: str | None = None
+    tensorboard: bool = False  # event files in <run dir>/tensorboard (`tensorboard --logdir <run dir>`)
     # every N steps, keep the first `routing_trace_tokens` tokens' expert choices of every MoE
     # layer (rank 0); written to <run dir>/routing_trace.pt at the end. 0 = off
     routing_trace_every: int = 0

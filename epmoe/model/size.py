@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from epmoe.choices import AttentionKind
 from epmoe.config import ModelConfig, RouterConfig
 from epmoe.model.transformer import Block, Transformer
 
@@ -55,3 +56,25 @@ def parameter_counts(cfg: ModelConfig, router_cfg: RouterConfig) -> ParameterCou
     with torch.device("meta"):  # embeddings, final norm and head: a model without blocks
         shell = Transformer(replace(cfg, n_layers=0), router_cfg)
     return ParameterCounts(non_expert + sum(p.numel() for p in shell.parameters()), expert)
+
+
+def training_flops_per_token(cfg: ModelConfig, router_cfg: RouterConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward), the count MFU divides by:
+
+        6 · N_active + 6 · n_layers · n_heads · (d_qk + d_v) · seq_len
+
+    N_active: the parameters a token multiplies by — every non-expert parameter except the input
+    embedding (a lookup; a tied embedding is counted once, as the head), plus top_k / num_experts of
+    the routed experts' (the capacity's drops ignored). The second term is attention's scores and
+    weighted sum (QKᵀ and AV, 2 FLOPs per multiply-add, ×3 for backward), the causal mask's half
+    not subtracted, as PaLM's appendix B counts it; d_qk = d_v = head_dim for standard attention,
+    nope + rope and v_head_dim for MLA."""
+    counts = parameter_counts(cfg, router_cfg)
+    embedding = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    active_experts = counts.expert * router_cfg.top_k / cfg.num_experts if cfg.num_experts else 0
+    n_active = counts.non_expert - embedding + active_experts
+    if cfg.attention == AttentionKind.mla:
+        d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    else:
+        d_qk = d_v = cfg.head_size()
+    return 6 * n_active + 6 * cfg.n_layers * cfg.n_heads * (d_qk + d_v) * seq_len

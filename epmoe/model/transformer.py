@@ -84,6 +84,10 @@ class Transformer(nn.Module):
         return LMOutput(logits_BSV, routings)
 
     @torch.no_grad()
+    def moe_blocks(self) -> list[int]:
+        """The block index of each MoE layer, in order (metrics name layers `moe/L{i}/...` by it)."""
+        return [i for i, block in enumerate(self.blocks) if block.is_moe]
+
     def generate(self, prompt_S: torch.Tensor, n_new: int, temperature: float = 0.8, generator=None) -> torch.Tensor:
         """Sample n_new tokens after prompt_S (1-D); returns prompt and continuation."""
         tokens = prompt_S.clone()

@@ -109,7 +109,10 @@ class ExchangeTiming(Hook):
     """Each step's exchange / exposed / expert-compute time per MoE layer, into its record."""
 
     def after_step(self, trainer: Trainer, step: int, record: dict[str, Any], seconds: float) -> None:
-        record.update(step_timing(trainer.par.timers))
+        timing = step_timing(trainer.par.timers)  # per-layer lists (jsonl, plots), and each as a scalar key
+        record.update(timing)
+        for y, block in enumerate(trainer.moe_blocks):
+            record.update({f"moe/L{block}/{key}": values[y] for key, values in timing.items()})
 
     def after_evaluate(self, trainer: Trainer) -> None:
         step_timing(trainer.par.timers)  # drop evaluation's exchanges

@@ -1,9 +1,11 @@
 """Where metrics go: console lines, a jsonl file in the run directory, wandb (offline unless
-configured), and the end-of-run plots. One `Loggers` object fans each record out.
+configured), TensorBoard event files (`<run dir>/tensorboard`), and the end-of-run plots. One
+`Loggers` object fans each record out.
 
-A record is a flat dict of JSON-able values; `step` is always present. Per-layer expert load
-(`expert_load`, a list of per-expert token counts per MoE layer) goes to jsonl and plots; the
-scalar summaries (`imbalance`, `drop_frac`, ...) go everywhere.
+A record is a flat dict of JSON-able values; `step` is always present, and jsonl adds `time`
+(Unix seconds) to each. Lists (`expert_load`: tokens per expert per MoE layer; the per-layer
+exchange times) go to jsonl and plots; scalars, the per-layer ones as `moe/L{i}/<name>` keys
+included, go to wandb and TensorBoard; the console line leaves out lists and per-layer keys.
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from epmoe.config import Config, LoggerConfig
 
-# fields too bulky for a console line or a wandb scalar chart
-_LIST_FIELDS = ("expert_load",)
+PER_LAYER = "moe/"  # prefix of the per-MoE-layer scalar keys: too many for a console line
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The record's numbers, without `step` and the lists (a scalar chart cannot draw a list)."""
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _format(record: dict[str, Any]) -> str:
     parts = []
     for k, v in record.items():
-        if k in _LIST_FIELDS:
+        if isinstance(v, list) or k.startswith(PER_LAYER):
             continue
         if isinstance(v, float):
             parts.append(f"{k}={v:.4g}")
@@ -54,9 +61,15 @@ class Loggers:
                 entity=cfg.wandb_entity,
                 mode=cfg.wandb_mode,
                 dir=str(run_dir),
+                name=run_dir.name,  # the run directory's name, as in the console header
                 config=asdict(full_config),
                 settings=wandb.Settings(silent=True, console="off"),
             )
+        self._tensorboard = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     @property
     def wandb_dir(self) -> Path | None:
@@ -65,10 +78,12 @@ class Loggers:
     def log(self, record: dict[str, Any], console: bool = True) -> None:
         self.history.append(record)
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         if self._wandb is not None:
-            scalars = {k: v for k, v in record.items() if k not in _LIST_FIELDS and k != "step"}
-            self._wandb.log(scalars, step=record["step"])
+            self._wandb.log(_scalars(record), step=record["step"])
+        if self._tensorboard is not None:
+            for key, value in _scalars(record).items():
+                self._tensorboard.add_scalar(key, value, global_step=record["step"])
         if console and self.cfg.console:
             self.write(_format(record))
 
@@ -83,6 +98,9 @@ class Loggers:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:

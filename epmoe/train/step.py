@@ -9,7 +9,8 @@ One step (`train_step`):
 2. one all-reduce of those sums (and of the stop flags, see stop.py) over all ranks;
 3. the engine reduces and clips the gradients to one global norm, and updates (AdamW);
 4. aux-loss-free balancing: each router's bias moves toward uniform by the step's global load;
-5. the step's metrics: losses, lr, gradient norm, per-layer expert load, imbalance, drops.
+5. the step's metrics: losses, lr, gradient norm, per-layer expert load, imbalance, drops, and
+   per MoE layer (by block index i) the scalars `moe/L{i}/imbalance`, `drop_frac`, `aux_loss`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from epmoe.train.routing_stats import topk_of_layers
 from epmoe.train.stop import STOP_SIGNALS, StopRequest
 
 VAL_STREAM = 1 << 20  # data stream ids >= this are validation batches
-# the step's sums: losses, drops, one stop flag per STOP_SIGNALS entry, then the per-layer load
-_CE, _AUX, _Z, _DROPPED, _STOP = range(5)
+# the step's sums: the ce and z losses, one stop flag per STOP_SIGNALS entry, then per MoE layer the expert
+# load (Y·E), the dropped assignments (Y) and the aux loss (Y)
+_CE, _Z, _STOP = range(3)
 _LOAD = _STOP + len(STOP_SIGNALS)
 
 
@@ -61,19 +63,28 @@ def evaluate(model: Transformer, data: TokenSplits, cfg: Config, device: torch.d
     return par.mean(total.item() / cfg.train.eval_batches)  # NOTE: host sync, once per evaluation
 
 
-def routing_metrics(load_YE: torch.Tensor, dropped: int, aux: float, z: float) -> dict[str, Any]:
-    """Summaries of one step's routing: load_YE = tokens per (MoE layer, expert)."""
+def routing_metrics(load_YE: torch.Tensor, dropped_Y: torch.Tensor, aux_Y: torch.Tensor, z: float,
+                    blocks: list[int]) -> dict[str, Any]:  # fmt: skip
+    """Summaries of one step's routing: load_YE = tokens per (MoE layer, expert), dropped_Y and
+    aux_Y per MoE layer; `blocks` names each MoE layer by its block index."""
     if load_YE.numel() == 0:
         return {}
     load_YE = load_YE.double()
+    tokens_Y = load_YE.sum(dim=1).clamp_min(1e-9)
     imbalance_Y = load_YE.max(dim=1).values / load_YE.mean(dim=1).clamp_min(1e-9)
-    return {
-        "aux_loss": aux,
+    drop_frac_Y = dropped_Y.double() / tokens_Y
+    record: dict[str, Any] = {
+        "aux_loss": aux_Y.sum().item(),
         "z_loss": z,
         "imbalance": imbalance_Y.max().item(),  # worst layer's max/mean tokens per expert
-        "drop_frac": dropped / load_YE.sum().item(),
+        "drop_frac": dropped_Y.sum().item() / tokens_Y.sum().item(),
         "expert_load": load_YE.long().tolist(),
     }
+    for y, block in enumerate(blocks):
+        layer = f"moe/L{block}"
+        record.update({f"{layer}/imbalance": imbalance_Y[y].item(), f"{layer}/drop_frac": drop_frac_Y[y].item(),
+                       f"{layer}/aux_loss": aux_Y[y].item()})  # fmt: skip
+    return record
 
 
 def _routing_losses(routings: list[Routing], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +110,10 @@ def train_step(
     global_batch = t_cfg.batch_size * par.info.world
     layers = moe_layers(engine.model)
     Y, E = len(layers), cfg.model.num_experts
-    # per-rank sums [ce, aux, z, dropped, stop flags..., load_YE...] in float64: counts stay exact below 2**53
-    sums = torch.zeros(_LOAD + Y * E, dtype=torch.float64, device=device)
-    load_YE = sums[_LOAD:].view(Y, E)
+    # per-rank sums [ce, z, stop flags..., load_YE, dropped_Y, aux_Y] in float64: counts stay exact below 2**53
+    sums = torch.zeros(_LOAD + Y * (E + 2), dtype=torch.float64, device=device)
+    load_YE = sums[_LOAD : _LOAD + Y * E].view(Y, E)
+    dropped_Y, aux_Y = sums[_LOAD + Y * E :].view(2, Y)
     for micro in range(t_cfg.grad_accum):
         # the global batch depends only on (seed, micro, step): any world size sees the same data
         x_BS, y_BS = sample_batch(data.train, global_batch, cfg.data.seq_len, t_cfg.seed, micro, step)
@@ -113,11 +125,11 @@ def train_step(
         aux, z = _routing_losses(out.routings, ce)
         engine.backward((ce + aux + z) / t_cfg.grad_accum, last=micro == t_cfg.grad_accum - 1)
         sums[_CE] += ce.detach().double()
-        sums[_AUX] += aux.detach().double()
         sums[_Z] += z.detach().double()
         for y, routing in enumerate(out.routings):
             load_YE[y] += routing.counts_E
-            sums[_DROPPED] += routing.dropped()
+            dropped_Y[y] += routing.dropped()
+            aux_Y[y] += routing.aux_loss.detach().double()
         if on_routing is not None and out.routings:
             on_routing(micro, topk_of_layers(out.routings))
     if stop is not None:
@@ -126,8 +138,9 @@ def train_step(
         all_reduce_sum_(sums)
     # NOTE: the step's one host sync for its metrics (the gradient norm's is in the engine)
     sums_host = sums.cpu()
-    ce_mean, aux_mean, z_mean = (sums_host[i].item() / par.info.world for i in (_CE, _AUX, _Z))
-    load_host_YE = sums_host[_LOAD:].view(Y, E).long()
+    ce_mean, z_mean = (sums_host[i].item() / par.info.world for i in (_CE, _Z))
+    load_host_YE = sums_host[_LOAD : _LOAD + Y * E].view(Y, E).long()
+    dropped_host_Y, aux_host_Y = sums_host[_LOAD + Y * E :].view(2, Y)
 
     n = t_cfg.grad_accum
     record: dict[str, Any] = {"step": step + 1, "loss": ce_mean / n, "lr": engine.lr}
@@ -147,5 +160,6 @@ def train_step(
     global_load_YE = load_YE.long()  # reduced in place with `sums`; on the routers' device
     for y, moe in enumerate(layers):
         moe.router.update_bias(global_load_YE[y])
-    record.update(routing_metrics(load_host_YE, int(sums_host[_DROPPED].item()), aux_mean / n, z_mean / n))
+    aux_host_Y /= par.info.world * n
+    record.update(routing_metrics(load_host_YE, dropped_host_Y, aux_host_Y, z_mean / n, engine.model.moe_blocks()))
     return record

@@ -33,6 +33,7 @@ from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
 from epmoe.hf.convert import load_parallel
 from epmoe.host_memory import retain_freed_host_memory
 from epmoe.model.moe import moe_layers
+from epmoe.model.size import training_flops_per_token
 from epmoe.model.transformer import Transformer
 from epmoe.parallel.parallelize import Parallel, parallelize
 from epmoe.parallel.timing import run_summary
@@ -46,6 +47,7 @@ from epmoe.train.routing_stats import RoutingCounts, RoutingTrace
 from epmoe.train.run_lock import RunLock
 from epmoe.train.step import NonFiniteStep, evaluate, train_step
 from epmoe.train.stop import Preempted, StopRequest
+from epmoe.train.throughput import Throughput, device_peak
 
 LN2 = math.log(2)
 
@@ -113,6 +115,7 @@ class Trainer:
         self.lock = self._lock_run_dir()
         self.engine = build_engine(self.model, t_cfg, self.par, self.device)
         self.num_moe_layers = len(moe_layers(self.model))
+        self.moe_blocks = self.model.moe_blocks()  # the block index of each MoE layer, for metric names
         self.counts = RoutingCounts(self.num_moe_layers, cfg.model.num_experts) if self.par.rebalancer else None
         self.start_step = self.completed = 0  # completed: optimizer steps whose effect is in the model
 
@@ -127,6 +130,10 @@ class Trainer:
         self.hooks = build_hooks(self)
         self.result = TrainResult(run_dir, val_bytes_per_token=self.data.val_bytes_per_token)
         self.tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum * self.par.info.world
+        compute_dtype = torch.bfloat16 if t_cfg.precision == "bf16" else torch.float32
+        peak = device_peak(self.device, t_cfg.peak_tflops, compute_dtype)
+        self.throughput = Throughput(training_flops_per_token(cfg.model, cfg.router, cfg.data.seq_len), peak,
+                                     self.tokens_per_step, self.par.info.world, self.device)  # fmt: skip
         self.bar: tqdm | None = None
         self.loggers: Loggers | None = None
         self.stopped = False  # by a signal, with its checkpoint saved
@@ -180,6 +187,10 @@ class Trainer:
             f"data {self.data.description}; run dir {self.run_dir}",
             file=sys.stderr,
         )
+        peak = self.throughput.peak
+        over = f"a peak of {peak.tflops:.3g} TFLOP/s per device ({peak.source})" if peak.tflops else peak.source
+        self.say(f"mfu: {self.throughput.flops_per_token / 1e6:,.2f} MFLOP per training token (epmoe/model/size.py) "
+                 f"over {over}", file=sys.stderr)  # fmt: skip
 
     # -- 2. resume -------------------------------------------------------------------------------
 
@@ -247,7 +258,7 @@ class Trainer:
             hook.after_step(self, step, record, time.perf_counter() - t0)
         self.engine.schedule_step()
         self.completed = step + 1
-        record["tokens_per_s"] = self.tokens_per_step / (time.perf_counter() - t0)
+        record.update(self.throughput.step_metrics(time.perf_counter() - t0, self.completed))
         self.result.losses.append(record["loss"])
         last = self.completed == t_cfg.steps
         for hook in self.hooks:
@@ -257,7 +268,10 @@ class Trainer:
             record.update(val_loss=self.result.val_loss, val_bits_per_token=self.result.val_bits_per_token)
             if self.result.val_bpb is not None:
                 record["val_bpb"] = self.result.val_bpb
-        self.loggers.log(record, console=self.completed % t_cfg.log_every == 0 or "val_loss" in record or last)
+        logged = self.completed % t_cfg.log_every == 0 or "val_loss" in record or last  # alike on every rank
+        if logged:
+            record["mem_gib"] = self.throughput.memory_gib()  # a collective, once per logging step
+        self.loggers.log(record, console=logged)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         self.bar.update(1)
         if t_cfg.checkpoint_every and self.completed % t_cfg.checkpoint_every == 0 and not last:
