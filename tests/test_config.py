@@ -81,7 +81,8 @@ def test_overrides_reach_the_dataclasses() -> None:
         (["comm.chunks=0"], "comm.chunks (0) must be a positive integer or auto"),
         (["comm.chunks=auto"], "comm.chunks=auto tunes the pipelined dispatcher: add comm.dispatcher=pipelined"),
         (["comm.dtype=fp8"], "comm.dtype='fp8' is not one of fp32, bf16"),
-        (["model=huge"], "Could not find 'model/huge' (options: dense_small, moe_small)"),
+        (["model=huge"], "Could not find 'model/huge' (options: deepseek_v3_tiny, dense_small, llama_tiny, "
+                          "mixtral_tiny, moe_small, olmoe_tiny, qwen2_moe_tiny, qwen3_moe_tiny, qwen3_tiny)"),
         (["model.rope_theta=0"], "model.rope_theta (0.0) must be > 0 and finite"),
         (["model.norm_eps=-1e-5"], "model.norm_eps (-1e-05) must be > 0 and finite"),
         (["model.num_experts=-2"], "model.num_experts (-2) must be >= 0 (0 = a dense model)"),

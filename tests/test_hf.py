@@ -14,9 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from epmoe.hf import HFError, from_pretrained, load_weights, save_pretrained
+from epmoe.hf.convert import config_from_hf
 from epmoe.model.moe import moe_layers
 from epmoe.model.transformer import Transformer
-from tests.hf_tiny import FAMILIES, build, save
+from tests.hf_tiny import FAMILIES, build, save, tiny_configs
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")  # a declared dependency; skip only in a bare env
@@ -153,3 +154,13 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_behind(folders, tm
     with pytest.raises(TypeError):  # a failure mid-write: no folder and no temporary left
         save_pretrained(model, cfg, tmp_path / "new", max_shard_bytes="big")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_has_a_tiny_model_config_that_is_the_imported_architecture(family, tmp_path) -> None:
+    from epmoe.train.cli import load_config
+
+    tiny_configs(vocab_size=256)[family].save_pretrained(tmp_path)  # config.json only
+    imported = config_from_hf(tmp_path)
+    composed = load_config([f"model={family}_tiny"])
+    assert (composed.model, composed.router) == (imported.model, imported.router)
