@@ -30,6 +30,7 @@ job failed otherwise; 128 + N the job was ended by signal N without a checkpoint
 from __future__ import annotations
 
 import datetime
+import importlib.resources
 import importlib.util
 import os
 import shutil
@@ -40,6 +41,7 @@ from typing import NoReturn
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from omegaconf import OmegaConf
 
 from epmoe.comm.parallel_dims import ParallelConfigError, ParallelDims
 from epmoe.config import Config, ConfigError
@@ -59,7 +61,7 @@ from epmoe.launch.commands import (
 from epmoe.launch.supervise import run
 from epmoe.train import preflight
 from epmoe.train.checkpoint_files import CheckpointError
-from epmoe.train.cli import load_config
+from epmoe.train.cli import CONFIG_MODULE, expand_path, load_config
 from epmoe.train.data import DataError, check_source
 
 # one line each: the user's input cannot work
@@ -89,7 +91,7 @@ def _run_dir(overrides: list[str]) -> tuple[Path, list[str]]:
                               f"quote the path: {RUN_DIR_KEY}='<path>'") from None  # fmt: skip
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{text} does not name a directory; pass {RUN_DIR_KEY}=<path>")
-        named.append(value)
+        named.append(expand_path(value))
     if named:
         return Path(named[-1]).resolve(), rest
     return Path("outputs", datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve(), rest
@@ -156,8 +158,55 @@ def _child_env(cfg: Config) -> dict[str, str] | None:
     return {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
 
 
+def usage() -> str:
+    """`--help`: what the launcher takes, with every config group's options read from conf/."""
+    conf = Path(str(importlib.resources.files(CONFIG_MODULE)))
+    groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(conf.iterdir()) if d.is_dir()}
+    lines = [
+        "usage: python -m epmoe.launch [--help] [--cfg job] [GROUP=OPTION ...] [KEY=VALUE ...]",
+        "",
+        "Compose epmoe's config (conf/config.yaml with the overrides), check everything that can be",
+        "checked here (one 'error: ...' line and exit 2 otherwise), then start the ranks with the",
+        "chosen launcher in one run directory (hydra.run.dir=<path>, else outputs/<date>/<time>).",
+        "",
+        "  --help, -h   this text",
+        "  --cfg job    print the composed, validated config and exit (nothing starts)",
+        "",
+        "config groups (GROUP=OPTION):",
+        *(f"  {name:<11}{', '.join(options)}" for name, options in groups.items() if options and name != "__pycache__"),
+        "",
+        "any field as KEY=VALUE, e.g. train.steps=600 parallel.ep=2 data=text data.path=~/books",
+        "(paths expand ~ and $VARS); --cfg job lists them all with their values.",
+        "",
+        "examples:",
+        "  python -m epmoe.launch experiment=ep2_cpu",
+        "  python -m epmoe.launch launcher=torchrun launcher.nproc_per_node=4 parallel.ep=4",
+        "  python -m epmoe.launch launcher=slurm launcher.nnodes=2 launcher.nproc_per_node=4 parallel.ep=8",
+    ]
+    return "\n".join(lines)
+
+
+def composed_config(overrides: list[str]) -> str:
+    """`--cfg job`: the config this launch would run, as YAML."""
+    return OmegaConf.to_yaml(OmegaConf.structured(load_config(overrides)))
+
+
 def main(argv: list[str] | None = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
+    if {"--help", "-h"} & set(overrides):
+        print(usage())
+        return
+    if "--cfg" in overrides:
+        i = overrides.index("--cfg")
+        if overrides[i + 1 : i + 2] != ["job"]:
+            _fail("--cfg takes 'job' (the composed config): python -m epmoe.launch --cfg job [overrides]")
+        try:
+            print(composed_config(overrides[:i] + overrides[i + 2 :]), end="")
+        except LAUNCH_ERRORS as e:
+            _fail(str(e))
+        return
+    if flags := [o for o in overrides if o.startswith("-")]:
+        _fail(f"{flags[0]} is not an option of epmoe.launch (it takes --help, --cfg job and KEY=VALUE overrides)")
     try:
         run_dir, rank_overrides = _run_dir(overrides)
         cfg, world = check(overrides, run_dir)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -142,9 +143,32 @@ def with_checkpoint_config(composed: DictConfig, overrides: Sequence[str]) -> Di
     return base
 
 
+# config keys that hold a path: `~` and $VARS in their values are expanded (a shell does not
+# expand `key=~/x`, and Hydra's grammar reads `~` as its delete operator)
+PATH_KEYS = ("data.path", "data.tokenizer", "train.resume", "train.init_from", "launcher.hostfile", "hydra.run.dir")
+
+
+def expand_path(value: str) -> str:
+    """`~` and `$VAR` expanded, as a shell would (`${...}` in an override stays OmegaConf's interpolation)."""
+    return os.path.expandvars(os.path.expanduser(value))
+
+
+def _expand_path_overrides(overrides: Sequence[str]) -> list[str]:
+    """`data.path=~/books` -> `data.path='/home/me/books'` (quoted for Hydra's parser)."""
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and key.lstrip("+") in PATH_KEYS and (value.startswith("~") or "$" in value) and "${" not in value:
+            quoted = expand_path(value.strip("'\"")).replace("\\", "\\\\").replace("'", "\\'")
+            o = f"{key}='{quoted}'"
+        out.append(o)
+    return out
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Compose conf/config.yaml with command-line style overrides into a validated Config (under
-    train.resume, on top of the checkpoint's config)."""
+    train.resume, on top of the checkpoint's config). Path values expand `~` and $VARS."""
+    overrides = _expand_path_overrides(overrides)
     register_configs()
     GlobalHydra.instance().clear()
     try:
