@@ -153,3 +153,13 @@ def test_a_tokenizer_too_big_for_the_model_is_refused_before_ranks_start(tok_dir
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "beyond model.vocab_size (260)" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_bytes_that_are_not_utf8_are_encoded_as_replacement_characters(tok_dir: Path) -> None:
+    from epmoe.data.tokenizer import load_tokenizer
+
+    lib = tokenizers.Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    encoded = load_tokenizer(str(tok_dir)).encode_docs([b"caf\xe9 au lait", b"x = 1"])  # latin-1, as in the stdlib
+    eos = lib.token_to_id("<|endoftext|>")
+    expected = [*lib.encode("caf\ufffd au lait", add_special_tokens=False).ids, eos, *lib.encode("x = 1").ids]
+    assert encoded.tokens.tolist() == expected and encoded.n_bytes == 12 + 1 + 5  # raw bytes, the boundary one

@@ -98,7 +98,9 @@ class HFTokenizer:
         eos = np.array([self.eos_id], dtype=np.int32)
         parts: list[np.ndarray] = []
         for i in range(0, len(docs), ENCODE_BATCH):
-            texts = [d.decode("utf-8") for d in docs[i : i + ENCODE_BATCH]]
+            # NOTE: a few of the standard library's files are not UTF-8 (its encoding tests): their
+            # undecodable bytes become U+FFFD, as `errors="replace"` reads them
+            texts = [d.decode("utf-8", errors="replace") for d in docs[i : i + ENCODE_BATCH]]
             for enc in self.tok.encode_batch(texts, add_special_tokens=False):
                 if parts:
                     parts.append(eos)
