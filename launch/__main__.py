@@ -173,7 +173,7 @@ def usage() -> str:
         "  --cfg job    print the composed, validated config and exit (nothing starts)",
         "",
         "config groups (GROUP=OPTION):",
-        *(f"  {name:<11}{', '.join(options)}" for name, options in groups.items() if options and name != "__pycache__"),
+        *(f"  {name:<11}{', '.join(options)}" for name, options in groups.items() if options),
         "",
         "any field as KEY=VALUE, e.g. train.steps=600 parallel.ep=2 data=text data.path=~/books",
         "(paths expand ~ and $VARS); --cfg job lists them all with their values.",

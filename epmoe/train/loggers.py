@@ -79,10 +79,11 @@ class Loggers:
         self.history.append(record)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        scalars = _scalars(record)
         if self._wandb is not None:
-            self._wandb.log(_scalars(record), step=record["step"])
+            self._wandb.log(scalars, step=record["step"])
         if self._tensorboard is not None:
-            for key, value in _scalars(record).items():
+            for key, value in scalars.items():
                 self._tensorboard.add_scalar(key, value, global_step=record["step"])
         if console and self.cfg.console:
             self.write(_format(record))
