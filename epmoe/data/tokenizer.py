@@ -46,19 +46,12 @@ class ByteTokenizer:
         if vocab_size < self.vocab_size:
             raise DataError(f"byte-level data needs model.vocab_size >= 256, got {vocab_size}")
 
-    def identity(self) -> dict | None:
-        return None  # the default: nothing to record
-
 
 class HFTokenizer:
     """A `tokenizer.json` (the file, or a folder that holds it, such as a Hugging Face model's)."""
 
     def __init__(self, spec: str):
-        path = Path(spec).expanduser()
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
-            where = f"{path} holds no tokenizer.json" if path.is_dir() else f"{path} does not exist"
-            raise DataError(f"data.tokenizer: {where}; give a tokenizer.json or a folder that holds one")
+        file = tokenizer_file(spec)
         from tokenizers import Tokenizer  # only when a tokenizer is asked for
 
         raw = file.read_bytes()
@@ -67,7 +60,7 @@ class HFTokenizer:
         except Exception as e:  # the library's own parse errors (JSON, unknown model type)
             raise DataError(f"data.tokenizer: {file} is not a tokenizer.json the tokenizers library reads "
                             f"({str(e).splitlines()[0]})") from None  # fmt: skip
-        self.file, self.sha256 = file.resolve(), hashlib.sha256(raw).hexdigest()
+        self.file = file.resolve()
         # ids can be sparse (added tokens past the base vocabulary): the model needs the largest + 1
         self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
         self.eos_id = self._eos_id(file.parent)
@@ -117,12 +110,25 @@ class HFTokenizer:
                             f"model.vocab_size ({vocab_size}); raise model.vocab_size to >= {self.vocab_size} "
                             "or use the model's own tokenizer")  # fmt: skip
 
-    def identity(self) -> dict | None:
-        """What a checkpoint records, so that a resume with another tokenizer is noticed."""
-        return {"path": str(self.file), "sha256": self.sha256}
-
 
 Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def tokenizer_file(spec: str) -> Path:
+    """The tokenizer.json that data.tokenizer names (the file, or the one in the folder it names)."""
+    path = Path(spec).expanduser()
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        where = f"{path} holds no tokenizer.json" if path.is_dir() else f"{path} does not exist"
+        raise DataError(f"data.tokenizer: {where}; give a tokenizer.json or a folder that holds one")
+    return file
+
+
+def tokenizer_identity(spec: str) -> dict:
+    """{"path", "sha256"} of data.tokenizer's file, which a checkpoint records so that a resume
+    with another tokenizer is noticed; hashed, not parsed (no vocabulary is needed)."""
+    file = tokenizer_file(spec)
+    return {"path": str(file.resolve()), "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
 
 
 def load_tokenizer(spec: str | None) -> Tokenizer:

@@ -31,7 +31,7 @@ import torch
 
 from epmoe.config import DataConfig
 from epmoe.data.errors import DataError
-from epmoe.data.tokenizer import Tokenizer, load_tokenizer
+from epmoe.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
 
 
 @dataclass
@@ -198,7 +198,7 @@ def fingerprint(cfg: DataConfig) -> dict:
         out[name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_ends": sha}
     source = {"kind": str(cfg.kind), "path": str(root), "files": out}
     if cfg.tokenizer is not None:  # {"path", "sha256"} of the tokenizer.json (absent for bytes)
-        source["tokenizer"] = load_tokenizer(cfg.tokenizer).identity()
+        source["tokenizer"] = tokenizer_identity(cfg.tokenizer)  # hashed, not parsed again
     return source
 
 
