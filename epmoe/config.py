@@ -203,6 +203,9 @@ class LoggerConfig:
     wandb_mode: WandbMode = WandbMode.offline
     wandb_project: str = "epmoe"
     wandb_entity: str | None = None
+    # the wandb run's group and tags; a sweep sets them (the sweep directory; the job's swept values)
+    wandb_group: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)
     tensorboard: bool = False  # event files in <run dir>/tensorboard (`tensorboard --logdir <run dir>`)
     # every N steps, keep the first `routing_trace_tokens` tokens' expert choices of every MoE
     # layer (rank 0); written to <run dir>/routing_trace.pt at the end. 0 = off

@@ -45,7 +45,7 @@ from omegaconf import OmegaConf
 
 from epmoe.comm.parallel_dims import ParallelConfigError, ParallelDims
 from epmoe.config import Config, ConfigError
-from epmoe.exit_codes import EXIT_USAGE
+from epmoe.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE
 from epmoe.launch.commands import (
     DEFAULT_PORT,
     deepspeed_command,
@@ -59,10 +59,12 @@ from epmoe.launch.commands import (
     torchrun_command,
 )
 from epmoe.launch.supervise import run
+from epmoe.launch.sweep import MULTIRUN_FLAGS, plan
 from epmoe.train import preflight
 from epmoe.train.checkpoint_files import CheckpointError
 from epmoe.train.cli import CONFIG_MODULE, expand_path, load_config
 from epmoe.train.data import DataError, check_source
+from epmoe.train.runs import summary_table
 
 # one line each: the user's input cannot work
 LAUNCH_ERRORS = (ConfigError, ParallelConfigError, DataError, CheckpointError)
@@ -163,7 +165,7 @@ def usage() -> str:
     conf = Path(str(importlib.resources.files(CONFIG_MODULE)))
     groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(conf.iterdir()) if d.is_dir()}
     lines = [
-        "usage: python -m epmoe.launch [--help] [--cfg job] [GROUP=OPTION ...] [KEY=VALUE ...]",
+        "usage: python -m epmoe.launch [--help] [--cfg job] [--multirun] [GROUP=OPTION ...] [KEY=VALUE ...]",
         "",
         "Compose epmoe's config (conf/config.yaml with the overrides), check everything that can be",
         "checked here (one 'error: ...' line and exit 2 otherwise), then start the ranks with the",
@@ -171,6 +173,10 @@ def usage() -> str:
         "",
         "  --help, -h   this text",
         "  --cfg job    print the composed, validated config and exit (nothing starts)",
+        "  --multirun   sweep: KEY=A,B (or range(..), glob(..)) makes one job per value, their product",
+        "               over several keys; each job is checked first, then launched in turn in",
+        "               <hydra.sweep.dir>/<n> (else multirun/<date>/<time>/<n>); a table of the jobs'",
+        "               validation loss and tokens/s ends it (also <sweep dir>/summary.md)",
         "",
         "config groups (GROUP=OPTION):",
         *(f"  {name:<11}{', '.join(options)}" for name, options in groups.items() if options),
@@ -182,6 +188,7 @@ def usage() -> str:
         "  python -m epmoe.launch experiment=ep2_cpu",
         "  python -m epmoe.launch launcher=torchrun launcher.nproc_per_node=4 parallel.ep=4",
         "  python -m epmoe.launch launcher=slurm launcher.nnodes=2 launcher.nproc_per_node=4 parallel.ep=8",
+        "  python -m epmoe.launch --multirun experiment=ep2_cpu router.top_k=1,2 train.steps=100",
     ]
     return "\n".join(lines)
 
@@ -205,26 +212,33 @@ def main(argv: list[str] | None = None) -> None:
         except LAUNCH_ERRORS as e:
             _fail(str(e))
         return
+    if multirun := [o for o in overrides if o in MULTIRUN_FLAGS]:
+        sys.exit(_sweep([o for o in overrides if o not in multirun]))
     if flags := [o for o in overrides if o.startswith("-")]:
-        _fail(f"{flags[0]} is not an option of epmoe.launch (it takes --help, --cfg job and KEY=VALUE overrides)")
+        _fail(f"{flags[0]} is not an option of epmoe.launch (it takes --help, --cfg job, --multirun and KEY=VALUE "
+              "overrides)")  # fmt: skip
     try:
         run_dir, rank_overrides = _run_dir(overrides)
         cfg, world = check(overrides, run_dir)
     except LAUNCH_ERRORS as e:
         _fail(str(e))
+    sys.exit(_start(cfg, world, rank_overrides, run_dir))
+
+
+def _start(cfg: Config, world: int, rank_overrides: list[str], run_dir: Path) -> int:
+    """Start the checked job's ranks in `run_dir` and wait for them; their exit status."""
     lc = cfg.launcher
     run_dir.mkdir(parents=True, exist_ok=True)
-
     if lc.name == "slurm":
         script = run_dir / "launch.sbatch"
         script.write_text(sbatch_script(lc, rank_overrides, run_dir, threads=cfg.train.threads))
         print(f"wrote {script}")
         if not lc.submit:
             print(script.read_text(), end="")
-            return
+            return 0
         if shutil.which("sbatch") is None:
             _fail("launcher.submit=true but sbatch is not on PATH; submit the script on the cluster")
-        sys.exit(subprocess.call(["sbatch", str(script)]))
+        return subprocess.call(["sbatch", str(script)])
     if lc.name == "local":
         cmd = [sys.executable, "-m", "epmoe.train", *rank_overrides, run_dir_override(run_dir)]
     elif lc.name == "mpirun":
@@ -236,7 +250,39 @@ def main(argv: list[str] | None = None) -> None:
         cmd = torchrun_command(lc, rank_overrides, run_dir)
     if lc.name != "local":  # one rank in place says all itself: its stderr stays the rank's own
         print(f"epmoe.launch: {world} rank(s), run dir {run_dir}", file=sys.stderr)
-    sys.exit(run(cmd, lc.shutdown_timeout_s, _child_env(cfg)))
+    return run(cmd, lc.shutdown_timeout_s, _child_env(cfg))
+
+
+def _sweep(overrides: list[str]) -> int:
+    """--multirun: check every job first (one line and exit 2 naming the job if one cannot run,
+    before any starts), then launch them one after another; a job stopped by a signal (75, 130,
+    128+N) ends the sweep. Prints and writes (<sweep dir>/summary.md) the jobs' table; the exit
+    status is the first failed job's, else 0."""
+    try:
+        sweep_dir, jobs = plan(overrides)
+        checked = []
+        for job in jobs:
+            job_overrides = job.with_wandb_names(sweep_dir)
+            try:
+                checked.append((job, job_overrides, *check(job_overrides, job.run_dir)))
+            except LAUNCH_ERRORS as e:
+                raise type(e)(f"job {job.num} ({' '.join(job.swept) or 'no swept values'}): {e}") from None
+    except LAUNCH_ERRORS as e:
+        _fail(str(e))
+    print(f"epmoe.launch: sweep of {len(jobs)} jobs in {sweep_dir}", file=sys.stderr)
+    codes: list[int] = []
+    for job, job_overrides, cfg, world in checked:
+        print(f"epmoe.launch: job {job.num + 1}/{len(jobs)}: {' '.join(job.swept)}", file=sys.stderr)
+        codes.append(_start(cfg, world, job_overrides, job.run_dir))
+        if codes[-1] in (EXIT_PREEMPTED, EXIT_INTERRUPTED) or codes[-1] > 128:
+            print(f"epmoe.launch: job {job.num} stopped by a signal (exit {codes[-1]}); the sweep ends here",
+                  file=sys.stderr)  # fmt: skip
+            break
+    ran = [job.run_dir for job, *_ in checked[: len(codes)]]
+    table = summary_table(ran, codes)
+    (sweep_dir / "summary.md").write_text(f"# sweep {sweep_dir}\n\n{table}\n")
+    print(f"\nsweep {sweep_dir}: {len(codes)} of {len(jobs)} jobs ran\n{table}")
+    return next((c for c in codes if c != 0), 0)
 
 
 if __name__ == "__main__":

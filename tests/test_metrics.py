@@ -82,3 +82,18 @@ def test_ep2_run_logs_per_layer_keys_mfu_and_memory_to_tensorboard_and_wandb(tmp
     assert len(rows) == 6 and set(wanted) <= set(rows[-1])
     assert [row["moe/L0/aux_loss"] for row in rows] == pytest.approx([r["moe/L0/aux_loss"] for r in records])
     assert not any(isinstance(v, list) for row in rows for v in row.values())  # lists stay out of scalar charts
+
+    # the expert-load heatmap of each MoE layer, as an image at the (final) evaluation, on both dashboards
+    assert {"expert_load/L0", "expert_load/L1"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("expert_load/L1")] == [6]
+    for layer in ("L0", "L1"):
+        assert rows[-1][f"expert_load/{layer}/_type"] == "image-file"
+        (image,) = (run_dir / "wandb").glob(f"offline-run-*/files/{rows[-1][f'expert_load/{layer}/path']}")
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the console's fixed columns, and train.log holding what the console printed
+    assert "step 3/6 | loss " in proc.stdout and " tok/s | mfu " in proc.stdout and " GiB | lr " in proc.stdout
+    log = (run_dir / "train.log").read_text()
+    assert "step 6/6 | loss " in log and "done: held-out" in log and "mfu: " in log
+    assert "\r" not in log  # the progress bar's redraws are not kept, only its final line
+    assert log.index("MFLOP per training token") < log.index("train: 100%")  # the header precedes the bar

@@ -23,19 +23,23 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from epmoe.comm.parallel_dims import ParallelConfigError
 from epmoe.comm.process import PeerLostError, die_with_parent, end_process, launched_rank, peer_failures_as_errors
-from epmoe.config import ConfigError, register_configs
+from epmoe.config import Config, ConfigError, register_configs
 from epmoe.exit_codes import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_PREEMPTED, EXIT_USAGE
 from epmoe.train.checkpoint_files import CheckpointError
 from epmoe.train.cli import CONFIG_NAME, load_config, resolve_config
+from epmoe.train.console import ConsoleLog
 from epmoe.train.data import DataError
+from epmoe.train.runs import WANDB_TAG_CHARS
 from epmoe.train.stop import Preempted
 from epmoe.train.trainer import TrainingAborted, train
 
@@ -52,23 +56,37 @@ def _fail(message: str, code: int = EXIT_USAGE, every_rank: bool = True) -> None
 
 @hydra.main(config_path="pkg://epmoe.conf", config_name=CONFIG_NAME, version_base="1.3")
 def _run(cfg: DictConfig) -> float | None:
-    try:
-        config = resolve_config(cfg, HydraConfig.get().overrides.task)
-        with peer_failures_as_errors(config.train.collective_timeout_s):
-            result = train(config, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, ParallelConfigError) as e:
-        _fail(str(e), every_rank=False)
-    except USER_ERRORS as e:  # the data or a checkpoint: what one node sees may differ
-        _fail(str(e))
-    except (PeerLostError, TrainingAborted) as e:
-        _fail(str(e), EXIT_JOB_FAILED)
-    except Preempted as e:
-        if e.main:  # one line for the job, not one per rank
-            print(e, file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)  # Hydra has made it (and .hydra/ in it)
+    # rank 0 keeps what its console shows in train.log, the error lines below included
+    with ConsoleLog(run_dir / "train.log") if launched_rank() == 0 else nullcontext():
+        try:
+            config = resolve_config(cfg, HydraConfig.get().overrides.task)
+            _name_sweep_job(config)
+            with peer_failures_as_errors(config.train.collective_timeout_s):
+                result = train(config, run_dir)
+        except (ConfigError, ParallelConfigError) as e:
+            _fail(str(e), every_rank=False)
+        except USER_ERRORS as e:  # the data or a checkpoint: what one node sees may differ
+            _fail(str(e))
+        except (PeerLostError, TrainingAborted) as e:
+            _fail(str(e), EXIT_JOB_FAILED)
+        except Preempted as e:
+            if e.main:  # one line for the job, not one per rank
+                print(e, file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
     return result.val_loss  # what a sweeper would optimise
+
+
+def _name_sweep_job(config: Config) -> None:
+    """A job of `--multirun` gets the sweep as its wandb group and its overrides as tags (unless
+    set: the launcher's sweep sets them for the jobs it launches)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or config.logger.wandb_group is not None:
+        return
+    config.logger.wandb_group = str(Path(hydra_cfg.sweep.dir).resolve())
+    config.logger.wandb_tags = [o[:WANDB_TAG_CHARS] for o in hydra_cfg.overrides.task]
 
 
 def _is_single_run(argv: list[str]) -> bool:

@@ -38,11 +38,12 @@ from epmoe.model.transformer import Transformer
 from epmoe.parallel.parallelize import Parallel, parallelize
 from epmoe.parallel.timing import run_summary
 from epmoe.train import checkpoint_files, checkpoint_state, preflight
+from epmoe.train.console import human
 from epmoe.train.data import TokenSplits, fingerprint, load_splits
 from epmoe.train.engine import Engine, NativeEngine, autocast
 from epmoe.train.hooks import FaultDrill, build_hooks, routing_callback
 from epmoe.train.loggers import Loggers
-from epmoe.train.plots import plot_run
+from epmoe.train.plots import expert_load_images, plot_run, run_title
 from epmoe.train.routing_stats import RoutingCounts, RoutingTrace
 from epmoe.train.run_lock import RunLock
 from epmoe.train.step import NonFiniteStep, evaluate, train_step
@@ -173,11 +174,8 @@ class Trainer:
             self.bar.write(line)
 
     def _open_outputs(self) -> None:
-        cfg, t_cfg = self.cfg, self.cfg.train
-        self.bar = tqdm(total=t_cfg.steps, initial=self.start_step, disable=not (cfg.logger.progress and self.main),
-                        file=sys.stderr, dynamic_ncols=True, desc="train", unit="step")  # fmt: skip
-        self.loggers = Loggers(self.log_cfg, self.run_dir, cfg, write=self.bar.write, start_step=self.start_step)
-        par = self.par
+        """The header, then the progress bar and the loggers (the header must not land inside the bar)."""
+        cfg, t_cfg, par = self.cfg, self.cfg.train, self.par
         n_params = sum(p.numel() for p in self.model.parameters())
         exchange = f", tokens exchanged over {cfg.comm.backend}" if par.dims.ep_enabled else ""
         engine_name = f"deepspeed (ZeRO {t_cfg.zero_stage})" if t_cfg.engine == "deepspeed" else "native"
@@ -191,6 +189,21 @@ class Trainer:
         over = f"a peak of {peak.tflops:.3g} TFLOP/s per device ({peak.source})" if peak.tflops else peak.source
         self.say(f"mfu: {self.throughput.flops_per_token / 1e6:,.2f} MFLOP per training token (epmoe/model/size.py) "
                  f"over {over}", file=sys.stderr)  # fmt: skip
+        self.bar = tqdm(total=t_cfg.steps, initial=self.start_step, disable=not (cfg.logger.progress and self.main),
+                        file=sys.stderr, dynamic_ncols=True, desc="train", unit="step")  # fmt: skip
+        self.loggers = Loggers(self.log_cfg, self.run_dir, cfg, write=self.bar.write, start_step=self.start_step)
+        if self.start_step and self.loggers.history:
+            self.plot()  # a resumed run's figure shows the whole run from the start
+
+    def plot(self) -> None:
+        """Redraw training.png from the whole history, and send the expert-load heatmaps to the
+        dashboards (rank 0; at each evaluation and at the end)."""
+        if not self.log_cfg.plots:
+            return
+        history = self.loggers.history
+        plot_run(history, self.run_dir / "training.png", run_title(self.run_dir, self.cfg, self.par.info.world))
+        if history and (images := expert_load_images(history)):
+            self.loggers.log_images(history[-1]["step"], images)
 
     # -- 2. resume -------------------------------------------------------------------------------
 
@@ -272,7 +285,9 @@ class Trainer:
         if logged:
             record["mem_gib"] = self.throughput.memory_gib()  # a collective, once per logging step
         self.loggers.log(record, console=logged)
-        self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        if "val_loss" in record:
+            self.plot()
+        self.bar.set_postfix_str(f"loss {record['loss']:.3f}, {human(record['tokens_per_s'])} tok/s", refresh=False)
         self.bar.update(1)
         if t_cfg.checkpoint_every and self.completed % t_cfg.checkpoint_every == 0 and not last:
             self.save_checkpoint(self.completed)
@@ -300,7 +315,9 @@ class Trainer:
         if cfg.train.sample_bytes and self.data.tokenizer is not None:
             self.say("sample:\n" + self.sample_text())  # every rank samples: the EP exchange needs them all
         if self.log_cfg.plots:
-            self.say(f"plot: {plot_run(self.loggers.history, self.run_dir / 'training.png')}")
+            if self.loggers.history and "val_loss" not in self.loggers.history[-1]:
+                self.plot()  # (an evaluation at the last step drew it already)
+            self.say(f"plot: {self.run_dir / 'training.png'}")
         if (trace_path := self.trace.save(self.run_dir)) is not None:
             self.say(f"routing trace ({len(self.trace.steps)} samples): {trace_path}")
         if self.log_cfg.jsonl:
