@@ -57,7 +57,7 @@ def test_ep2_run_logs_per_layer_keys_mfu_and_memory_to_tensorboard_and_wandb(tmp
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "epmoe.launch", *TINY, "launcher=torchrun", "launcher.nproc_per_node=2", "parallel.ep=2",
-         "logger=tensorboard", "logger.wandb=true", "train.steps=6", "train.log_every=3", "train.eval_every=0",
+         "logger=tensorboard", "logger.wandb=true", "logger.progress=true", "train.steps=6", "train.log_every=3", "train.eval_every=0",
          "train.threads=1", "train.sample_bytes=0", f"hydra.run.dir={run_dir}"],
         cwd=REPO, env={**os.environ, "WANDB_SILENT": "true"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

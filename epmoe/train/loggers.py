@@ -78,6 +78,11 @@ class Loggers:
         if console and self.cfg.console:
             self.write(format_line(record, self.total_steps))
 
+    @property
+    def takes_images(self) -> bool:
+        """Whether a dashboard (wandb, TensorBoard) is open to take images."""
+        return self._wandb is not None or self._tensorboard is not None
+
     def log_images(self, step: int, images: dict[str, Any]) -> None:
         """{name: image_HW3 uint8} at `step` (the expert-load heatmaps) to wandb and TensorBoard."""
         if self._wandb is not None:

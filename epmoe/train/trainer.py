@@ -196,13 +196,12 @@ class Trainer:
             self.plot()  # a resumed run's figure shows the whole run from the start
 
     def plot(self) -> None:
-        """Redraw training.png from the whole history, and send the expert-load heatmaps to the
-        dashboards (rank 0; at each evaluation and at the end)."""
-        if not self.log_cfg.plots:
-            return
+        """Redraw training.png from the whole history (logger.plots), and send the expert-load
+        heatmaps to the dashboards (rank 0; at each evaluation and at the end)."""
         history = self.loggers.history
-        plot_run(history, self.run_dir / "training.png", run_title(self.run_dir, self.cfg, self.par.info.world))
-        if history and (images := expert_load_images(history)):
+        if self.log_cfg.plots:
+            plot_run(history, self.run_dir / "training.png", run_title(self.run_dir, self.cfg, self.par.info.world))
+        if self.loggers.takes_images and history and (images := expert_load_images(history)):
             self.loggers.log_images(history[-1]["step"], images)
 
     # -- 2. resume -------------------------------------------------------------------------------
@@ -314,9 +313,9 @@ class Trainer:
         self.say(f"done: held-out {bits} (cross-entropy {result.val_loss:.4f} nats/token)")
         if cfg.train.sample_bytes and self.data.tokenizer is not None:
             self.say("sample:\n" + self.sample_text())  # every rank samples: the EP exchange needs them all
+        if self.loggers.history and "val_loss" not in self.loggers.history[-1]:
+            self.plot()  # (an evaluation at the last step drew it already)
         if self.log_cfg.plots:
-            if self.loggers.history and "val_loss" not in self.loggers.history[-1]:
-                self.plot()  # (an evaluation at the last step drew it already)
             self.say(f"plot: {self.run_dir / 'training.png'}")
         if (trace_path := self.trace.save(self.run_dir)) is not None:
             self.say(f"routing trace ({len(self.trace.steps)} samples): {trace_path}")
