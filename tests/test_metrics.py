@@ -97,3 +97,17 @@ def test_ep2_run_logs_per_layer_keys_mfu_and_memory_to_tensorboard_and_wandb(tmp
     assert "step 6/6 | loss " in log and "done: held-out" in log and "mfu: " in log
     assert "\r" not in log  # the progress bar's redraws are not kept, only its final line
     assert log.index("MFLOP per training token") < log.index("train: 100%")  # the header precedes the bar
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_a_warning_with_both_rates(monkeypatch: pytest.MonkeyPatch) -> None:
+    import epmoe.train.throughput as throughput
+
+    bf16 = Peak(0.0008, "CPU matmul probe (bfloat16, 1 threads)")
+    monkeypatch.setattr(throughput, "matmul_probe_tflops", lambda dtype: 0.0434)  # fp32: 54x faster
+    assert throughput.slow_bf16_warning(bf16, torch.device("cpu")) == (
+        "warning: train.precision=bf16 on this CPU: bf16 matmul 0.8 GFLOP/s vs fp32 43.4 GFLOP/s (no native bf16); "
+        "train.precision=fp32 runs faster"
+    )
+    monkeypatch.setattr(throughput, "matmul_probe_tflops", lambda dtype: 0.0016)  # 2x: native bf16 is fine
+    assert throughput.slow_bf16_warning(bf16, torch.device("cpu")) is None
+    assert throughput.slow_bf16_warning(Peak(0.04, "CPU matmul probe (float32, 1 threads)"), torch.device("cpu")) is None

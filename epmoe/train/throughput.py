@@ -58,6 +58,22 @@ def device_peak(device: torch.device, peak_tflops: float, dtype: torch.dtype) ->
                                             f"{torch.get_num_threads()} threads)")  # fmt: skip
 
 
+SLOW_BF16_RATIO = 4  # bf16 matmul this many times slower than fp32: the CPU has no native bf16
+
+
+def slow_bf16_warning(peak: Peak, device: torch.device) -> str | None:
+    """On a CPU without native bf16 matmul (AVX2-only parts: no AVX512-BF16 or AMX), bf16 autocast
+    runs tens of times slower than fp32 (0.8 vs 43 GFLOP/s on one AVX2 EPYC core): the warning
+    with both rates, or None where bf16 is fine (or the device is not a CPU)."""
+    if device.type != "cpu" or not peak.tflops or "bfloat16" not in peak.source:
+        return None
+    fp32 = matmul_probe_tflops(torch.float32)
+    if peak.tflops * SLOW_BF16_RATIO > fp32:
+        return None
+    return (f"warning: train.precision=bf16 on this CPU: bf16 matmul {peak.tflops * 1e3:.3g} GFLOP/s vs fp32 "
+            f"{fp32 * 1e3:.3g} GFLOP/s (no native bf16); train.precision=fp32 runs faster")  # fmt: skip
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """This process's peak: allocated device memory on CUDA, the resident set (ru_maxrss) on CPU."""
     if device.type == "cuda":

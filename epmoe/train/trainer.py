@@ -48,7 +48,7 @@ from epmoe.train.routing_stats import RoutingCounts, RoutingTrace
 from epmoe.train.run_lock import RunLock
 from epmoe.train.step import NonFiniteStep, evaluate, train_step
 from epmoe.train.stop import Preempted, StopRequest
-from epmoe.train.throughput import Throughput, device_peak
+from epmoe.train.throughput import Throughput, device_peak, slow_bf16_warning
 
 LN2 = math.log(2)
 
@@ -133,6 +133,8 @@ class Trainer:
         self.tokens_per_step = t_cfg.batch_size * cfg.data.seq_len * t_cfg.grad_accum * self.par.info.world
         compute_dtype = torch.bfloat16 if t_cfg.precision == "bf16" else torch.float32
         peak = device_peak(self.device, t_cfg.peak_tflops, compute_dtype)
+        if self.main and (warning := slow_bf16_warning(peak, self.device)):
+            print(warning, file=sys.stderr)
         self.throughput = Throughput(training_flops_per_token(cfg.model, cfg.router, cfg.data.seq_len), peak,
                                      self.tokens_per_step, self.par.info.world, self.device)  # fmt: skip
         self.bar: tqdm | None = None
