@@ -57,8 +57,8 @@ def test_ep2_run_logs_per_layer_keys_mfu_and_memory_to_tensorboard_and_wandb(tmp
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "epmoe.launch", *TINY, "launcher=torchrun", "launcher.nproc_per_node=2", "parallel.ep=2",
-         "logger=tensorboard", "logger.wandb=true", "logger.progress=true", "train.steps=6", "train.log_every=3", "train.eval_every=0",
-         "train.threads=1", "train.sample_bytes=0", f"hydra.run.dir={run_dir}"],
+         "logger=tensorboard", "logger.wandb=true", "logger.progress=true", "train.steps=6", "train.log_every=3",
+         "train.eval_every=0", "train.threads=1", "train.sample_bytes=0", f"hydra.run.dir={run_dir}"],
         cwd=REPO, env={**os.environ, "WANDB_SILENT": "true"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -110,4 +110,5 @@ def test_bf16_on_a_cpu_without_native_bf16_is_a_warning_with_both_rates(monkeypa
     )
     monkeypatch.setattr(throughput, "matmul_probe_tflops", lambda dtype: 0.0016)  # 2x: native bf16 is fine
     assert throughput.slow_bf16_warning(bf16, torch.device("cpu")) is None
-    assert throughput.slow_bf16_warning(Peak(0.04, "CPU matmul probe (float32, 1 threads)"), torch.device("cpu")) is None
+    fp32 = Peak(0.04, "CPU matmul probe (float32, 1 threads)")
+    assert throughput.slow_bf16_warning(fp32, torch.device("cpu")) is None
