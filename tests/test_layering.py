@@ -9,6 +9,8 @@ Layers, top first; a module imports only its own layer and the ones above it:
     epmoe.parallel                      composition: parallelize
     epmoe.hf, epmoe.data                interop, corpora (as they land)
     epmoe.train                         the trainer
+    epmoe.generate, epmoe.eval,         command lines over checkpoints (and HF folders)
+    epmoe.plot                          and over run directories
     epmoe.launch                        the launcher CLI (launch/)
 and on top of that order: comm imports nothing from placement; placement nothing from model;
 only comm/ imports torch.distributed or mpi4py (parallel/ may use FSDP2, DTensor and
@@ -35,6 +37,7 @@ LAYERS = [
     ("epmoe.parallel",),
     ("epmoe.hf", "epmoe.data"),
     ("epmoe.train",),
+    ("epmoe.generate", "epmoe.eval", "epmoe.plot"),  # python -m epmoe.generate / eval / plot: over checkpoints and runs
     ("epmoe.launch",),
 ]
 FORBIDDEN = {  # beyond the layer order: (importer, imported) packages
@@ -141,6 +144,11 @@ def test_every_module_keeps_to_its_layer() -> None:
     graph = import_graph(MODULES)
     assert len(graph) > 40 and "epmoe.comm.dispatch" in graph and "epmoe.parallel.parallelize" in graph
     assert violations(graph) == []
+
+
+def test_every_module_has_a_layer() -> None:
+    """A module outside every layer would escape the checks above (they skip what has no layer)."""
+    assert [m for m in MODULES if layer_of(m) is None and m != "epmoe"] == []
 
 
 def test_no_module_imports_itself_through_others() -> None:

@@ -19,33 +19,25 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-from epmoe.config import Config, ConfigError
+from epmoe.config import ConfigError
 from epmoe.exit_codes import EXIT_OK, EXIT_USAGE
 from epmoe.hf.convert import from_pretrained, save_pretrained
-from epmoe.model.transformer import Transformer
 from epmoe.parallel.parallelize import Parallel
 from epmoe.train import checkpoint_files, checkpoint_state
+from epmoe.train.checkpoint_model import load_model
 from epmoe.train.engine import build_optimizer, build_schedule
 from epmoe.train.manifest import ManifestError
 
 
 def _export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    ckpt, manifest = checkpoint_files.readable(args.checkpoint)
-    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), manifest["config"]))
-    state = checkpoint_state.consolidate(ckpt)  # every expert in global order, whatever the EP degree
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.router)
-    model.load_state_dict(state, strict=True, assign=True)  # the loaded tensors themselves: no second copy
-    del state
+    loaded = load_model(args.checkpoint)  # every expert, whatever the EP degree it was saved at
+    ckpt, cfg, model = loaded.path, loaded.cfg, loaded.model
     source = Path(cfg.train.init_from).expanduser() if cfg.train.init_from else None
     tokenizer = [f for f in (source / n for n in ("tokenizer.json", "tokenizer_config.json")) if f.is_file()] \
         if source and source.is_dir() else []  # fmt: skip
     out = save_pretrained(model, cfg, args.hf_dir, int(args.max_shard_gb * (1 << 30)), tokenizer)
-    print(f"exported {ckpt} ({cfg.model.family}, step {manifest['step']}) to {out} in "
+    print(f"exported {ckpt} ({cfg.model.family}, step {loaded.manifest['step']}) to {out} in "
           f"{time.perf_counter() - start:.1f} s")  # fmt: skip
     return EXIT_OK
 

@@ -2,12 +2,18 @@
 QK-norm and q/k/v biases) and DeepSeek's multi-head latent attention (MLA).
 
 Shape key: B batch, S sequence length, D model width, H query heads, G key/value heads,
-Dh head size, R rotary frequencies (half the rotated dims), L latent (low-rank) width.
+Dh head size, R rotary frequencies (half the rotated dims), L latent (low-rank) width,
+P positions attended to (the cache's past ones and the S new ones; P = S without a cache),
+V value dims of MLA.
 
 Each variant computes what its Hugging Face family computes (tests/test_hf_parity.py checks
 the logits against `transformers`): grouped-query heads share k/v as `repeat_kv` does (query
 head h reads k/v head h // (H / G)), QK-norm sits where Qwen3 (per head) or OLMoE (over the
 whole projection) puts it, and RoPE rotates either interleaved pairs or the two halves.
+
+With a `LayerCache` (kv_cache.py, generation) a forward computes q, k, v of its S new positions
+only, rotated at their absolute positions (the cos/sin tables start at the cache's length),
+appends k and v to the cache and attends to every position it holds.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epmoe.config import ModelConfig
+from epmoe.model.kv_cache import LayerCache
 
 # DeepSeek's reference builds the latent norms (q_a_layernorm, kv_a_layernorm) with its
 # RMSNorm's default eps, not config.rms_norm_eps
@@ -26,11 +33,11 @@ LATENT_NORM_EPS = 1e-6
 
 
 def rope_tables(
-    seq_len: int, rotated_dims: int, theta: float, device: torch.device | None = None
+    seq_len: int, rotated_dims: int, theta: float, device: torch.device | None = None, start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos_SR, sin_SR (fp32) for positions 0..seq_len-1, R = rotated_dims / 2 frequencies."""
+    """cos_SR, sin_SR (fp32) for positions start..start+seq_len-1, R = rotated_dims / 2 frequencies."""
     inv_freq_R = 1.0 / theta ** (torch.arange(0, rotated_dims, 2, device=device).float() / rotated_dims)
-    angles_SR = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq_R)
+    angles_SR = torch.outer(torch.arange(start, start + seq_len, device=device).float(), inv_freq_R)
     return angles_SR.cos(), angles_SR.sin()
 
 
@@ -49,6 +56,21 @@ def apply_rope(x_BHSDh: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor
         return rotated.flatten(-2)  # (..., R, 2) -> (..., Dh), pairs back in place
     x1, x2 = x_BHSDh[..., :R], x_BHSDh[..., R:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def causal_attention(q_BHSDh: torch.Tensor, k_BHPDh: torch.Tensor, v_BHPV: torch.Tensor) -> torch.Tensor:
+    """y_BHSV: S queries at the last S of P positions, each attending to itself and those before.
+
+    SDPA's `is_causal` aligns its mask to the top left (query i sees keys 0..i), which is right
+    only for P = S; after a cache's P - S past positions query i sees keys 0..P - S + i.
+    """
+    S, P = q_BHSDh.shape[2], k_BHPDh.shape[2]
+    if S == P:
+        return F.scaled_dot_product_attention(q_BHSDh, k_BHPDh, v_BHPV, is_causal=True)
+    if S == 1:  # the newest position sees every one
+        return F.scaled_dot_product_attention(q_BHSDh, k_BHPDh, v_BHPV)
+    mask_SP = torch.ones(S, P, dtype=torch.bool, device=q_BHSDh.device).tril(diagonal=P - S)
+    return F.scaled_dot_product_attention(q_BHSDh, k_BHPDh, v_BHPV, attn_mask=mask_SP)
 
 
 def _init(layer: nn.Linear, std: float) -> nn.Linear:
@@ -83,7 +105,11 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm, self.k_norm = nn.RMSNorm(H * Dh, eps=cfg.norm_eps), nn.RMSNorm(G * Dh, eps=cfg.norm_eps)
 
-    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """x_BSD -> y_BSD; cos_SR, sin_SR: the tables of these S positions. cache: the layer's
+        past keys and values (rotated, G heads), extended by these S positions."""
         B, S, _ = x_BSD.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x_BSD).split([H * Dh, G * Dh, G * Dh], dim=-1)
@@ -94,9 +120,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, Dh)
         q, k = apply_rope(q, cos_SR, sin_SR, self.interleaved), apply_rope(k, cos_SR, sin_SR, self.interleaved)
-        if G < H:  # (B, G, S, Dh) -> (B, H, S, Dh): each k/v head serves H / G consecutive query heads
+        if cache is not None:  # (B, G, S, Dh) -> (B, G, P, Dh): the past positions' k, v before these
+            k, v = cache.extend(k, v)
+        if G < H:  # (B, G, P, Dh) -> (B, H, P, Dh): each k/v head serves H / G consecutive query heads
             k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
-        y_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y_BHSDh = causal_attention(q, k, v)
         return self.out(y_BHSDh.transpose(1, 2).reshape(B, S, H * Dh))
 
 
@@ -107,6 +135,11 @@ class LatentAttention(nn.Module):
     kv_lora_rank dims plus one shared rotary key of rope dims; the latent, normalised, expands
     to H heads of [k nope | v] dims. Only the rope dims are rotated; the scores scale by
     (nope + rope)^-1/2, and each head's value has v_head_dim dims.
+
+    A cache holds each position's per-head keys [k nope | k rope] and values after kv_b_proj's
+    up-projection (H * (nope + rope + v_head_dim) numbers per position): the plain exact form.
+    DeepSeek's inference caches the normalised latent and the rotary key instead (kv_lora_rank +
+    rope) and absorbs kv_b_proj into the query and output projections; this does not.
     """
 
     def __init__(self, cfg: ModelConfig, out_init_scale: float):
@@ -128,7 +161,11 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = _linear(self.kv_rank, H * (self.nope + self.v_dim), False, 1 / math.sqrt(self.kv_rank))
         self.out = _linear(H * self.v_dim, D, cfg.out_bias, out_init_scale / math.sqrt(H * self.v_dim))
 
-    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """x_BSD -> y_BSD; cos_SR, sin_SR: the tables of these S positions. cache: the layer's
+        past per-head keys and values (after the up-projection), extended by these S positions."""
         B, S, _ = x_BSD.shape
         H = self.n_heads
         if self.q_proj is not None:
@@ -143,7 +180,9 @@ class LatentAttention(nn.Module):
         k_rope = apply_rope(k_rope.view(B, 1, S, self.rope), cos_SR, sin_SR, self.interleaved)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(B, H, S, self.rope)), dim=-1)  # one rotary key for all heads
-        y_BHSV = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale (nope + rope)^-1/2
+        if cache is not None:  # (B, H, S, .) -> (B, H, P, .): the past positions' k, v before these
+            k, v = cache.extend(k, v)
+        y_BHSV = causal_attention(q, k, v)  # scale (nope + rope)^-1/2
         return self.out(y_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
 

@@ -185,6 +185,11 @@ class Router(nn.Module):
         counts_E = torch.bincount(topk_idx_TK.view(-1), minlength=E)
         return Routing(topk_idx_TK, topk_w_TK, keep_TK, counts_E, aux_loss, z_loss)
 
+    def routes_each_token_alone(self) -> bool:
+        """Whether a token's experts and weights depend on that token only (a KV cache relies on
+        it): dropless. A capacity factor drops by the whole batch's choices."""
+        return self.cfg.capacity_factor is None
+
     @torch.no_grad()
     def update_bias(self, counts_E: torch.Tensor) -> None:
         """Aux-loss-free balancing step: bias_e += rate * sign(mean load - load_e).
