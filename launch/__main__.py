@@ -194,8 +194,9 @@ def usage() -> str:
 
 
 def composed_config(overrides: list[str]) -> str:
-    """`--cfg job`: the config this launch would run, as YAML."""
-    return OmegaConf.to_yaml(OmegaConf.structured(load_config(overrides)))
+    """`--cfg job`: the config this launch would run, as YAML, after every check the launch
+    itself makes (`check`: the degrees against the world it would start, data, memory, ...)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(check(overrides)[0]))
 
 
 def main(argv: list[str] | None = None) -> None:

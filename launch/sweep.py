@@ -62,6 +62,9 @@ def plan(overrides: list[str]) -> tuple[Path, list[Job]]:
             choices.append([(f"{key}={v}", True) for v in o.sweep_string_iterator()])
         else:
             choices.append([(o.input_line, False)])
+    if not any(swept for values in choices for _, swept in values):
+        raise ConfigError("--multirun without a swept value (KEY=A,B, range(..), glob(..)): nothing to sweep; "
+                          "drop --multirun for one run")  # fmt: skip
     sweep_dir = sweep_dir.resolve()
     jobs = []
     for num, combo in enumerate(itertools.product(*choices)):

@@ -36,7 +36,7 @@ from epmoe.comm.process import PeerLostError, die_with_parent, end_process, laun
 from epmoe.config import Config, ConfigError, register_configs
 from epmoe.exit_codes import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_PREEMPTED, EXIT_USAGE
 from epmoe.train.checkpoint_files import CheckpointError
-from epmoe.train.cli import CONFIG_NAME, load_config, resolve_config
+from epmoe.train.cli import CONFIG_NAME, expand_path_overrides, load_config, resolve_config
 from epmoe.train.console import ConsoleLog
 from epmoe.train.data import DataError
 from epmoe.train.runs import WANDB_TAG_CHARS
@@ -109,6 +109,7 @@ def main() -> None:
     die_with_parent(signal.SIGTERM)
     register_configs()
     _take_local_rank_argument()
+    sys.argv[1:] = expand_path_overrides(sys.argv[1:])  # before Hydra parses them: `~` is its delete operator
     argv = sys.argv[1:]
     if _is_single_run(argv):
         # Compose once up front so a bad override is one line and exit 2, not Hydra's

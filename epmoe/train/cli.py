@@ -145,7 +145,8 @@ def with_checkpoint_config(composed: DictConfig, overrides: Sequence[str]) -> Di
 
 # config keys that hold a path: `~` and $VARS in their values are expanded (a shell does not
 # expand `key=~/x`, and Hydra's grammar reads `~` as its delete operator)
-PATH_KEYS = ("data.path", "data.tokenizer", "train.resume", "train.init_from", "launcher.hostfile", "hydra.run.dir")
+PATH_KEYS = ("data.path", "data.tokenizer", "train.resume", "train.init_from", "launcher.hostfile", "hydra.run.dir",
+             "hydra.sweep.dir")  # fmt: skip
 
 
 def expand_path(value: str) -> str:
@@ -153,7 +154,7 @@ def expand_path(value: str) -> str:
     return os.path.expandvars(os.path.expanduser(value))
 
 
-def _expand_path_overrides(overrides: Sequence[str]) -> list[str]:
+def expand_path_overrides(overrides: Sequence[str]) -> list[str]:
     """`data.path=~/books` -> `data.path='/home/me/books'` (quoted for Hydra's parser)."""
     out = []
     for o in overrides:
@@ -168,7 +169,7 @@ def _expand_path_overrides(overrides: Sequence[str]) -> list[str]:
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Compose conf/config.yaml with command-line style overrides into a validated Config (under
     train.resume, on top of the checkpoint's config). Path values expand `~` and $VARS."""
-    overrides = _expand_path_overrides(overrides)
+    overrides = expand_path_overrides(overrides)
     register_configs()
     GlobalHydra.instance().clear()
     try:
