@@ -46,11 +46,18 @@ def build(family: str, seed: int = 0, vocab_size: int = 96):
 
     torch.manual_seed(seed)
     model = tr.AutoModelForCausalLM.from_config(tiny_configs(vocab_size)[family], dtype=torch.float32)
+    return perturbed(model, "e_score_correction_bias")
+
+
+def perturbed(model: torch.nn.Module, bias_suffix: str) -> torch.nn.Module:
+    """`model` in eval mode with every weight redrawn from N(0, 0.3^2) (norm weights around 1, so
+    it stays well scaled) and the routers' balancing biases (buffers named *bias_suffix) from
+    N(0, 0.1^2): well away from an init's symmetries. Draws from torch's global generator."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
         for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(bias_suffix):
                 b.copy_(torch.randn_like(b) * 0.1)
     return model.eval()
 

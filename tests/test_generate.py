@@ -25,6 +25,7 @@ from epmoe.model.kv_cache import KVCache
 from epmoe.model.transformer import Transformer
 
 from .conftest import free_port
+from .hf_tiny import perturbed
 
 # the native model: multi-head attention, interleaved RoPE, a dense first layer, a shared expert
 NATIVE = ModelConfig(d_model=32, n_layers=3, n_heads=4, max_seq_len=48, num_experts=4, expert_hidden=16,
@@ -47,18 +48,10 @@ def configs(name: str) -> tuple[ModelConfig, RouterConfig]:
 
 
 def build(name: str, seed: int = 0, **model_changes) -> Transformer:
-    """The named tiny model in eval mode, every weight drawn from N(0, 0.3^2) (norm weights around
-    1) and the routers' balancing biases from N(0, 0.1^2): well away from an init's symmetries."""
+    """The named tiny model, `perturbed` (tests/hf_tiny.py): random weights and balancing biases."""
     model_cfg, router_cfg = configs(name)
     torch.manual_seed(seed)
-    model = Transformer(dataclasses.replace(model_cfg, **model_changes), router_cfg)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in pname else 0.0))
-        for bname, b in model.named_buffers():
-            if bname.endswith("expert_bias_E"):
-                b.copy_(torch.randn_like(b) * 0.1)
-    return model.eval()
+    return perturbed(Transformer(dataclasses.replace(model_cfg, **model_changes), router_cfg), "expert_bias_E")
 
 
 def prompt(n: int, vocab: int = 256, seed: int = 1) -> torch.Tensor:
