@@ -219,6 +219,9 @@ class ParallelConfig:
 
     dp: int = 0  # data-parallel degree: 0 = the world size (every rank reads its own data)
     ep: int = 1  # expert-parallel degree: ranks that together hold one copy of the experts
+    # FSDP2 (native engine): shard every non-expert weight over all ranks, and the experts over their
+    # expert-DP group (world / ep ranks); a no-op in one process
+    fsdp: bool = False
 
 
 @dataclass

@@ -255,6 +255,25 @@ def _validate_launcher(lc: LauncherConfig) -> None:
         )
 
 
+def _validate_fsdp(cfg: Config) -> None:
+    """parallel.fsdp=true: what this first FSDP2 slice does not combine with yet."""
+    if cfg.train.engine == "deepspeed":
+        raise ConfigError("parallel.fsdp=true with train.engine=deepspeed: DeepSpeed's ZeRO already shards; use "
+                          "train.engine=native with parallel.fsdp=true")  # fmt: skip
+    pc = cfg.placement
+    if pc.slots_per_rank or pc.policy == "redundant":
+        raise ConfigError(
+            f"parallel.fsdp=true with replicas (placement.policy={pc.policy}, placement.slots_per_rank="
+            f"{pc.slots_per_rank}) is not supported yet: replicas are synchronised and migrated with unsharded "
+            "optimizer state; use placement=contiguous or round_robin, or parallel.fsdp=false"
+        )
+    if pc.rebalance_every > 0:
+        raise ConfigError(
+            f"parallel.fsdp=true with placement.rebalance_every ({pc.rebalance_every}) is not supported yet: "
+            "migration moves unsharded optimizer state; set placement.rebalance_every=0 or parallel.fsdp=false"
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Raise ConfigError on the first value that cannot work; return cfg unchanged otherwise."""
     _check_choices(cfg, "")
@@ -312,6 +331,8 @@ def validate(cfg: Config) -> Config:
             f"placement.rebalance_every ({pc.rebalance_every}) moves experts with their AdamW state, which "
             "DeepSpeed's ZeRO partitions: use train.engine=native for placement that follows the load"
         )
+    if p.fsdp:
+        _validate_fsdp(cfg)
     chunks = cfg.comm.chunks
     if chunks != "auto" and not (isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1):
         raise ConfigError(f"comm.chunks ({chunks!r}) must be a positive integer or auto")

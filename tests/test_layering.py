@@ -47,7 +47,9 @@ FORBIDDEN = {  # beyond the layer order: (importer, imported) packages
 # command-line edges that sit outside the layer order, and why
 EDGES = {"epmoe.hf.__main__": "`python -m epmoe.hf` converts to and from epmoe checkpoints (epmoe.train)"}
 DISTRIBUTED = ("torch.distributed", "mpi4py")
-PARALLEL_MAY_USE = ("torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint")
+# device_mesh: FSDP2's fully_shard takes a DeviceMesh (parallel/fsdp.py builds the world and expert-DP meshes)
+PARALLEL_MAY_USE = ("torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint",
+                    "torch.distributed.device_mesh")  # fmt: skip
 LAUNCH_MAY_USE = ("torch.distributed.run", "torch.distributed.elastic")  # torchrun's agent, which the launcher runs
 
 

@@ -8,12 +8,18 @@ Each rank's loss is the mean over its own tokens; the global loss is their mean 
 The global norm counts every parameter once: the replicated part once, each expert once
 (summed over the EP group, not over replicas).
 
+Under FSDP2 (parallel.fsdp=true, fsdp.py) the same rules hold, but FSDP reduce-scatters the
+sharded gradients itself during backward (`Sharding` says which): those gradients are this rank's
+shards, summed into the norm once each over the ranks that hold them.
+
 The sums travel in flat buckets of about BUCKET_BYTES (DDP's default size), issued
 asynchronously (the replicated ones during backward: `GradientReducer`) instead of one blocking
 call per parameter; a bucket sums exactly what its parameters' own all-reduces would.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,6 +30,23 @@ from epmoe.comm.process import all_reduce_sum_
 from epmoe.model.moe import moe_layers
 
 BUCKET_BYTES = 25 << 20
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Which gradients FSDP2 already reduced during backward; they are then this rank's shards
+    (DTensors): replicated: the non-expert ones, over all ranks; experts: the stacked expert
+    weights, over the expert-DP group (all ranks when ep is 1)."""
+
+    replicated: bool = False
+    experts: bool = False
+
+    def local(self, params: list[nn.Parameter], sharded: bool) -> list[torch.Tensor | None]:
+        """The gradients of `params` as this rank holds them (its shards where `sharded`)."""
+        return [None if p.grad is None else p.grad.to_local() if sharded else p.grad for p in params]
+
+
+UNSHARDED = Sharding()
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -114,15 +137,22 @@ class GradientReducer:
 
 
 def reduce_gradients(
-    model: nn.Module, dims: ParallelDims, reducer: GradientReducer | None = None, bucket_bytes: int = BUCKET_BYTES
+    model: nn.Module,
+    dims: ParallelDims,
+    reducer: GradientReducer | None = None,
+    bucket_bytes: int = BUCKET_BYTES,
+    sharding: Sharding = UNSHARDED,
 ) -> None:
     """Apply the reduction rules above to every gradient of `model` (a parameter without one gets
-    zeros). reducer: the replicated gradients' sums it issued during backward (None: issued here)."""
+    zeros). reducer: the replicated gradients' sums it issued during backward (None: issued here).
+    sharding: the gradients FSDP2 reduced already (left as they are)."""
     replicated, expert = split_params(model)
     in_flight: list[_Bucket] = []
-    if reducer is None:
+    if reducer is None and not sharding.replicated:
         in_flight += [_Bucket(bucket, None) for bucket in buckets(replicated, bucket_bytes)]
-    if dims.world // dims.ep > 1:  # expert-DP replicas of the same experts
+    if sharding.experts:
+        pass  # FSDP2 reduce-scattered them over the expert-DP group, divided by world (fsdp.py)
+    elif dims.world // dims.ep > 1:  # expert-DP replicas of the same experts
         in_flight += [_Bucket(bucket, dims.expert_dp_group) for bucket in buckets(expert, bucket_bytes)]
     else:  # nothing to sum: each expert lives on this rank alone
         for p in expert:
@@ -134,24 +164,37 @@ def reduce_gradients(
 
 
 def clip_global_norm_(
-    model: nn.Module, dims: ParallelDims, max_norm: float, row_weights: dict[nn.Parameter, torch.Tensor] | None = None
+    model: nn.Module,
+    dims: ParallelDims,
+    max_norm: float,
+    row_weights: dict[nn.Parameter, torch.Tensor] | None = None,
+    sharding: Sharding = UNSHARDED,
 ) -> float:
     """Clip all gradients to one global norm (inf = only measure); returns the norm.
-    row_weights: per-row weights of stacked expert weights holding replicas (replicas.py)."""
+    row_weights: per-row weights of stacked expert weights holding replicas (replicas.py).
+    sharding: the gradients that are FSDP2 shards (clipped where they are: the local shards)."""
     replicated, expert = split_params(model)
     row_weights = row_weights or {}
-    grads = [p.grad for p in replicated + expert if p.grad is not None]
+    local = {"replicated": sharding.local(replicated, sharding.replicated),
+             "expert": sharding.local(expert, sharding.experts)}  # fmt: skip
+    grads = [g for g in local["replicated"] + local["expert"] if g is not None]
     # squares summed where the gradients are, in parameter order (no per-parameter host copy)
     sq = torch.zeros(2, dtype=torch.float64, device=grads[0].device if grads else None)
-    for i, params in enumerate((replicated, expert)):
-        for p in params:
-            if p.grad is None:
+    for i, (params, grads_of) in enumerate(zip((replicated, expert), local.values())):
+        for p, g in zip(params, grads_of):
+            if g is None:
                 continue
-            sq_rows = p.grad.detach().double().square()
+            sq_rows = g.detach().double().square()
             if p in row_weights:  # [L, ...] rows of replicated experts count 1 / replicas each
                 sq_rows = sq_rows.flatten(1).sum(1) * row_weights[p].to(sq_rows.device)
             sq[i] += sq_rows.sum().to(sq.device)
-    if dims.ep > 1:  # every expert once: summed across the EP group only
+    # every element once: shards are summed over all ranks (an expert's shards lie in its expert-DP
+    # group, its EP-group peers hold the other experts); unsharded experts over the EP group only
+    if sharding.replicated and sharding.experts:
+        all_reduce_sum_(sq)
+    elif sharding.replicated:
+        all_reduce_sum_(sq[:1])
+    if dims.ep > 1 and not sharding.experts:
         all_reduce_sum_(sq[1:], dims.ep_group)
     total = sq.sum().sqrt().item()  # NOTE: host sync: the step's finite check and the metrics read it
     if total > max_norm:

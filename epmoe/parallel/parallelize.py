@@ -6,7 +6,9 @@ rank's part of a parallel run.
 3. data parallelism's forward rule (the routers' batch statistics over every rank);
 4. under expert parallelism: the EP communicator (torch or MPI), the dispatcher (plain all-to-all,
    or pipelined in chunks, `auto` tuned in the first steps), the wire dtype, the start placement
-   with its replicas, per-layer exchange timers, and the rebalancer for online re-placement.
+   with its replicas, per-layer exchange timers, and the rebalancer for online re-placement;
+5. parallel.fsdp=true: FSDP2 shards the non-expert weights over all ranks and the experts over
+   their expert-DP group (fsdp.py), after expert parallelism cut the experts to this rank's.
 The training loop only calls it and the `Parallel` it returns; it never parses comm or placement
 options itself.
 """
@@ -28,7 +30,8 @@ from epmoe.model.moe import moe_layers
 from epmoe.parallel.chunk_tuner import ChunkTuner
 from epmoe.parallel.data_parallel import apply_data_parallel
 from epmoe.parallel.expert_parallel import apply_expert_parallel, apply_placement
-from epmoe.parallel.gradients import GradientReducer, clip_global_norm_, reduce_gradients
+from epmoe.parallel.fsdp import NO_SHARDS, Shards, apply_fsdp
+from epmoe.parallel.gradients import UNSHARDED, GradientReducer, Sharding, clip_global_norm_, reduce_gradients
 from epmoe.parallel.migration import Rebalancer
 from epmoe.parallel.replicas import norm_weights, reduce_replica_grads, replica_rows
 from epmoe.parallel.timing import LayerTimer, attach_timers
@@ -51,6 +54,8 @@ class Parallel:
     rebalancer: Rebalancer | None = None  # online re-placement of experts (placement.rebalance_every)
     timers: list[LayerTimer] = field(default_factory=list)  # per MoE layer, under expert parallelism
     tuner: ChunkTuner | None = None  # comm.chunks=auto
+    sharding: Sharding = UNSHARDED  # the gradients FSDP2 reduces itself (parallel.fsdp=true)
+    shards: Shards = NO_SHARDS  # how checkpoints read and write FSDP2's sharded tensors
 
     @classmethod
     def single(cls, num_experts: int, info: RankInfo | None = None) -> Parallel:
@@ -82,7 +87,7 @@ class Parallel:
 
     def gradient_reducer(self, model: nn.Module) -> GradientReducer | None:
         """What sums the replicated gradients during backward (None in one process)."""
-        return GradientReducer(model, self.dims) if self.info.world > 1 else None
+        return GradientReducer(model, self.dims) if self.info.world > 1 and not self.sharding.replicated else None
 
     def reduce_and_clip(self, model: nn.Module, max_norm: float, reducer: GradientReducer | None = None) -> float:
         """After backward: the reduction rules (gradients.py, replicas.py), then one global norm
@@ -90,11 +95,11 @@ class Parallel:
         this step's last backward, if any."""
         replicas = []  # placement=redundant: the stacked expert weights that hold replicas
         if self.info.world > 1:
-            reduce_gradients(model, self.dims, reducer)
+            reduce_gradients(model, self.dims, reducer, sharding=self.sharding)
             if self.placement is not None and self.placement.has_replicas:
                 replicas = replica_rows(model, self.placement, self.ep_rank)
                 reduce_replica_grads(replicas, self.dims.num_experts, self.dims)
-        return clip_global_norm_(model, self.dims, max_norm, norm_weights(replicas))
+        return clip_global_norm_(model, self.dims, max_norm, norm_weights(replicas), self.sharding)
 
 
 def dispatcher_chunks(comm: CommConfig) -> int | None:
@@ -115,7 +120,7 @@ def parallelize(model: nn.Module, cfg: Config, device: torch.device) -> Parallel
     dims.build_groups(info.rank, datetime.timedelta(seconds=cfg.train.collective_timeout_s))
     apply_data_parallel(model, dims)
     if not dims.ep_enabled:
-        return Parallel(info, dims)
+        return _with_fsdp(Parallel(info, dims), model, cfg, device)
     if cfg.comm.backend == "mpi" and device.type != "cpu":
         raise ConfigError(f"comm.backend=mpi exchanges CPU tensors, but this run is on {device}; use comm=torch")
     comm = ep_communicator(cfg.comm.backend, dims, info.rank)
@@ -128,4 +133,12 @@ def parallelize(model: nn.Module, cfg: Config, device: torch.device) -> Parallel
     if cfg.placement.rebalance_every > 0:
         par.rebalancer = Rebalancer(cfg.placement.policy, cfg.placement.rebalance_every, par.ep_rank,
                                     info.is_main, comm)  # fmt: skip
+    return _with_fsdp(par, model, cfg, device)
+
+
+def _with_fsdp(par: Parallel, model: nn.Module, cfg: Config, device: torch.device) -> Parallel:
+    """parallel.fsdp=true: shard `model` with FSDP2 (fsdp.py) as the last step of parallelize."""
+    if cfg.parallel.fsdp:
+        par.sharding = apply_fsdp(model, par.dims, device, pipelined=dispatcher_chunks(cfg.comm) is not None)
+        par.shards = Shards()
     return par

@@ -30,6 +30,12 @@ Each barrier and the all-reduce also carry the errno of a failed write (disk ful
 learns of it in the collective it is already in: rank 0 removes `step_<N>.tmp/`, every rank raises
 the same CheckpointError, and the older checkpoints stay as they were.
 
+Under FSDP2 (parallel.fsdp=true) the format is the same: NOTE: interim: every rank gathers each
+sharded tensor whole (`Shards.full`, a collective) so that rank 0 and the EP ranks write what an
+unsharded run writes, and a restore cuts each rank's shard from the whole tensor it reads
+(`Shards.like`); a checkpoint saved with FSDP loads without it and back. torch.distributed.checkpoint
+(each rank writing its own shards) is the follow-up.
+
 A restore refuses a checkpoint of another architecture before it reads a tensor, and warns
 (CheckpointWarning) when the data stream or the data source differs from the saved one.
 """
@@ -53,6 +59,7 @@ from epmoe.comm.process import all_reduce_sum_
 from epmoe.config import Config
 from epmoe.model.experts import GroupedExperts
 from epmoe.model.moe import named_moe_layers
+from epmoe.parallel.fsdp import NO_SHARDS, Shards
 from epmoe.placement.placement import Placement, RoutingStats
 from epmoe.train.checkpoint_files import (
     COMMON,
@@ -92,14 +99,18 @@ def _identity_placement(num_layers: int, num_experts: int) -> Placement | None:
 # -- writing ---------------------------------------------------------------------------------------
 
 
-def _expert_state(model: nn.Module, optimizer: torch.optim.Optimizer, placement: Placement, ep_rank: int) -> dict:
-    """This rank's expert rows (weights and optimizer state), keyed by layer and global expert id."""
+def _expert_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, placement: Placement, ep_rank: int, shards: Shards = NO_SHARDS
+) -> dict:
+    """This rank's expert rows (weights and optimizer state), keyed by layer and global expert id.
+    shards: how to read a sharded stacked weight whole (collective under FSDP2)."""
     out: dict[str, torch.Tensor] = {}
     for y, (_, moe) in enumerate(named_moe_layers(model)):
         ids = placement.experts_on_rank(y, ep_rank).tolist()
         for w, param in moe.experts.stacked_weights().items():
-            rows = {"": param.detach()}  # suffix -> [L, ...] tensor
+            rows = {"": shards.full(param.detach())}  # suffix -> [L, ...] tensor
             for key, value in optimizer.state.get(param, {}).items():
+                value = shards.full(value)
                 if torch.is_tensor(value) and value.shape == param.shape:
                     rows[f".{key}"] = value
                 elif torch.is_tensor(value):  # per-tensor state, e.g. AdamW's step
@@ -117,8 +128,9 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
 
 
-def _common_state(model, optimizer, scheduler, routing_window: RoutingStats | None) -> dict:
-    """Rank 0's non-expert state; the optimizer's is keyed by parameter name, not position."""
+def _common_state(model, optimizer, scheduler, routing_window: RoutingStats | None, shards: Shards = NO_SHARDS) -> dict:
+    """Rank 0's non-expert state; the optimizer's is keyed by parameter name, not position.
+    shards: how to read sharded tensors whole (collective under FSDP2: every rank calls it then)."""
     experts = _expert_params(model)
     name_of = {id(p): n for n, p in model.named_parameters()}
     names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
@@ -131,10 +143,14 @@ def _common_state(model, optimizer, scheduler, routing_window: RoutingStats | No
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
     state = {
-        "model": {k: _own_storage(v) for k, v in model.state_dict().items() if k not in experts},
+        "model": {k: _own_storage(shards.full(v)) for k, v in model.state_dict().items() if k not in experts},
         "optimizer": {
             "param_groups": groups,
-            "state": {names[i]: s for i, s in opt["state"].items() if names[i] not in experts},
+            "state": {
+                names[i]: {k: shards.full(v) for k, v in s.items()}
+                for i, s in opt["state"].items()
+                if names[i] not in experts
+            },
         },
         "scheduler": scheduler.state_dict(),
         "rng": rng,
@@ -170,6 +186,7 @@ def save(
     keep: int = 0,
     shard_written: Callable[[], None] | None = None,
     data_source: dict | None = None,
+    shards: Shards = NO_SHARDS,
 ) -> Path:
     """Write the checkpoint of `step` (collective: every rank calls it); returns its directory.
 
@@ -182,6 +199,7 @@ def save(
     An OSError on any rank's write (disk full, file too large, I/O error) reaches every rank
     through the save's own collectives: rank 0 removes `step_<N>.tmp/` and every rank raises the
     same one-line CheckpointError; the older checkpoints are untouched.
+    shards: FSDP2's sharded tensors, gathered whole by every rank (see the module docstring).
     """
     folder = checkpoint_dir(run_dir)
     final, tmp = folder / f"step_{step:08d}", folder / f"step_{step:08d}.tmp"
@@ -224,10 +242,16 @@ def save(
         except OSError as e:
             report_F34[row, 33] = _errno(e)
 
+    # under FSDP2 every rank takes part in gathering what rank 0 and the EP ranks write
+    experts_state = common_state = None
+    if placement is not None and (rank < ep or shards.collective):
+        experts_state = _expert_state(model, optimizer, placement, dims.ep_rank(rank), shards)
+    if main or shards.collective:
+        common_state = _common_state(model, optimizer, scheduler, routing_window, shards)
     if rank < ep and placement is not None:  # expert-DP replica 0 (rank = dp_index * ep + ep_index)
-        write(rank, lambda: _expert_state(model, optimizer, placement, rank))
+        write(rank, lambda: experts_state)
     if main and not report_F34[:, 33].any():
-        write(ep, lambda: _common_state(model, optimizer, scheduler, routing_window))
+        write(ep, lambda: common_state)
     if shard_written is not None:
         shard_written()
     all_reduce_sum_(report_F34)  # NOTE: also the barrier: every shard is on disk after it
@@ -325,6 +349,7 @@ def restore(
     placement: Placement | None,
     keep_saved_placement: bool = False,
     data_source: dict | None = None,
+    shards: Shards = NO_SHARDS,
 ) -> Resumed:
     """Load `ckpt` into this rank's (sharded) model, optimizer and schedule, and set the RNG.
 
@@ -335,7 +360,8 @@ def restore(
     Raises CheckpointError, before reading a tensor, when `cfg` has another architecture than the
     checkpoint (manifest.ARCHITECTURE); warns (CheckpointWarning, rank 0 for the source) when the
     data stream or the data source differ from the saved ones. data_source: the data's
-    `fingerprint` where the caller has it; None: rank 0 takes it here.
+    `fingerprint` where the caller has it; None: rank 0 takes it here. shards: FSDP2's sharded
+    parameters, each cut from the whole tensor read (no communication).
     """
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
@@ -366,6 +392,8 @@ def restore(
     state = dict(common["model"])
     for name, (y, w) in experts.items():
         state[name] = rows.stacked(y, local[y], w)
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under both names
+    state = {k: shards.like(v, params[k]) if k in params else v for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -387,6 +415,10 @@ def restore(
                 opt_state[i] = {**per_tensor, **{k: rows.stacked(y, local[y], f"{w}.{k}") for k in row_keys}}
         elif name in saved["state"]:
             opt_state[i] = saved["state"][name]
+        if i in opt_state:  # state shaped like its parameter is cut as the parameter is (FSDP2)
+            p = params[name]
+            opt_state[i] = {k: shards.like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+                            for k, v in opt_state[i].items()}  # fmt: skip
     groups = [
         {**{k: v for k, v in g.items() if k != "params"}, "params": c["params"]}
         for g, c in zip(saved["param_groups"], current)

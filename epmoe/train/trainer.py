@@ -226,7 +226,7 @@ class Trainer:
         optimizer, scheduler = self.engine.portable()
         resumed = checkpoint_state.restore(ckpt, self.model, optimizer, scheduler, self.cfg, par.info.rank, par.dims,
                                            par.placement, keep_saved_placement=par.rebalancer is not None,
-                                           data_source=self.data_source)  # fmt: skip
+                                           data_source=self.data_source, shards=par.shards)  # fmt: skip
         self.engine.load_portable(optimizer, scheduler)
         self.start_step = self.completed = resumed.step
         if resumed.placement is not None:
@@ -244,7 +244,7 @@ class Trainer:
                                      routing_window=self.counts.local if self.counts is not None else None,
                                      keep=self.cfg.train.keep_checkpoints,
                                      shard_written=FaultDrill.in_save(self.cfg, self.par.info, step),
-                                     data_source=self.data_source)  # fmt: skip
+                                     data_source=self.data_source, shards=self.par.shards)  # fmt: skip
 
     # -- 3. step and evaluate --------------------------------------------------------------------
 

@@ -1,0 +1,104 @@
+"""FSDP2 beside expert parallelism (parallel.fsdp=true, native engine): `apply_fsdp` shards a model
+that expert parallelism has already cut down to this rank's experts.
+
+1. meshes: a 1-D mesh over all ranks for the non-expert weights; the experts' own mesh is their
+   expert-DP group (the world / ep ranks holding the same experts), a dimension of the 2-D
+   (expert-DP, EP) mesh laid out as ParallelDims lays out ranks (rank = dp_index * ep + ep_index);
+2. under expert parallelism with expert-DP > 1: `fully_shard` each MoE layer's experts over the
+   expert-DP mesh first, gradients divided by world (not FSDP's default, the mesh size) so that
+   expert grad = sum over expert-DP / world, the rule of gradients.py;
+   with expert-DP 1 the experts stay plain tensors (ignored by FSDP): nothing to shard them over;
+   with ep 1 they are ordinary weights of their block (expert-DP is the world);
+3. `fully_shard` every Block, then the root (embeddings, final norm, head: tied stay tied) over
+   the world mesh: non-expert grad = sum over world / world, FSDP's mean. Each block is gathered
+   before its forward (so before its router and shared experts run) and its gradients
+   reduce-scattered as soon as its backward is done, while backward goes on below: the bucketed
+   GradientReducer does not run for them.
+NOTE: reductions are forced to SUM then divide (gloo has no AVG / PREMUL_SUM reduce-scatter).
+
+The pipelined dispatcher differentiates the experts inside its own autograd Function, calling
+them once per chunk; FSDP2's hooks cannot follow that, so sharded experts (expert-DP > 1) need
+comm.dispatcher=alltoall (refused otherwise, in one line).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from epmoe.comm.parallel_dims import ParallelDims
+from epmoe.config import ConfigError
+from epmoe.model.moe import moe_layers
+from epmoe.parallel.gradients import Sharding
+
+
+def _shard(module: nn.Module, mesh: DeviceMesh, ignored: set[nn.Parameter], divide_by: int | None = None) -> None:
+    # NOTE: the root too frees its gathered weights after forward (FSDP2 keeps the root's by
+    # default): between steps every parameter is then its shard, as the optimizer and checkpoints
+    # (which name parameters) see them
+    fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=ignored or None)
+    module.set_force_sum_reduction_for_comms(True)
+    # NOTE: a rank whose tokens skipped a weight still owes the reduce-scatter its (zero) share
+    module.set_reduce_scatter_unused_params(True, recurse=False)
+    if divide_by is not None:
+        module.set_gradient_divide_factor(float(divide_by))
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, pipelined: bool) -> Sharding:
+    """Shard `model` (its Blocks in `model.blocks`, after expert parallelism) as the module docstring
+    says; returns which gradients FSDP now reduces. Collective: every rank calls it."""
+    if dims.world == 1:
+        return Sharding()
+    expert_dp = dims.world // dims.ep
+    shard_experts = dims.ep > 1 and expert_dp > 1
+    if shard_experts and pipelined:
+        raise ConfigError(
+            f"parallel.fsdp=true shards the experts over their expert-DP group (world {dims.world} / ep {dims.ep}), "
+            "which the pipelined dispatcher cannot drive: use comm.dispatcher=alltoall, or parallel.ep=world size"
+        )
+    world_mesh = init_device_mesh(device.type, (dims.world,), mesh_dim_names=("dp",))
+    experts = [p for moe in moe_layers(model) for p in moe.experts.stacked_weights().values()]
+    ignored: set[nn.Parameter] = set(experts) if dims.ep > 1 and not shard_experts else set()
+    if shard_experts:
+        edp_ep = init_device_mesh(device.type, (expert_dp, dims.ep), mesh_dim_names=("edp", "ep"))
+        for moe in moe_layers(model):
+            _shard(moe.experts, edp_ep["edp"], set(), divide_by=dims.world)
+    for block in model.blocks:
+        _shard(block, world_mesh, {p for p in ignored if any(p is q for q in block.parameters())})
+    _shard(model, world_mesh, ignored)
+    return Sharding(replicated=True, experts=dims.ep == 1 or shard_experts)
+
+
+class Shards:
+    """What checkpoints need of FSDP2's DTensors. NOTE: interim: each sharded tensor is gathered
+    whole onto every rank (a collective per tensor) so that rank 0 writes the format unsharded
+    runs write; torch.distributed.checkpoint is the follow-up. Without FSDP: `NO_SHARDS`."""
+
+    collective = True  # every rank must build the states a save writes (the gathers are collectives)
+
+    def full(self, t: object) -> object:
+        """t whole: a DTensor's full tensor (collective), anything else as it is."""
+        # DTensor is torch's type, not ours: asking it is the one way to tell a shard from a tensor
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    def like(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """`full` cut as `param` is (its local shard, no communication: every rank read it whole)."""
+        if not isinstance(param, DTensor):
+            return full
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+class NoShards(Shards):
+    collective = False
+
+    def full(self, t: object) -> object:
+        return t
+
+    def like(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        return full
+
+
+NO_SHARDS = NoShards()

@@ -1,0 +1,178 @@
+"""FSDP2 beside expert parallelism (parallel.fsdp=true) on CPU/gloo: spawned ranks train with the
+same losses as one process on the same global batch, hold about 1/world of each non-expert
+weight, and checkpoint in the unsharded format (a run saved with FSDP resumes without it and
+back). Every multi-rank case is tiny (threads=1) so the file runs in about a minute or two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from epmoe.comm.parallel_dims import ParallelDims
+from epmoe.config import ConfigError
+from epmoe.parallel.fsdp import apply_fsdp
+from epmoe.train import checkpoint_files
+from epmoe.train.cli import load_config
+from epmoe.train.trainer import train
+
+from .conftest import TINY, free_port
+
+FSDP_TRAIN = ["router.aux_loss_coef=0.01", "router.bias_update_rate=0.01", "train.batch_size=2",
+              "train.eval_every=0", "train.sample_bytes=0", "model.num_experts=8", "train.threads=1",
+              "train.grad_clip=0.5"]  # fmt: skip
+
+
+def _env(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+
+
+def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str, out: str) -> None:
+    from epmoe.comm.process import end_process
+
+    _env(rank, world, port)
+    result = train(load_config(overrides), Path(run_dir))
+    if rank == 0:
+        Path(out).write_text(json.dumps({"losses": result.losses, "val": result.val_loss}))
+    end_process(0)
+
+
+def _spawn_train(world: int, overrides: list[str], run_dir: Path) -> dict:
+    out = run_dir.parent / f"{run_dir.name}.json"
+    mp.spawn(_train_worker, args=(world, free_port(), overrides, str(run_dir), str(out)), nprocs=world)
+    return json.loads(out.read_text())
+
+
+def _base(corpus: Path, steps: int) -> list[str]:
+    return [*TINY, "data=text", f"data.path={corpus}", *FSDP_TRAIN, f"train.steps={steps}"]
+
+
+def _assert_same(reference: list[float], other: list[float], what: str) -> None:
+    assert len(reference) == len(other)
+    for step, (a, b) in enumerate(zip(reference, other), 1):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: one process {a} vs {what} {b}"
+
+
+@pytest.mark.parametrize(
+    ("world", "ep", "dispatcher", "steps"),
+    [(2, 2, "alltoall", 20), (2, 2, "pipelined", 20), (4, 2, "alltoall", 10)],
+    ids=["w2ep2", "w2ep2-pipelined", "w4ep2-experts-sharded"],
+)
+def test_fsdp_training_matches_one_process_losses(
+    world: int, ep: int, dispatcher: str, steps: int, tmp_path: Path, text_corpus_dir: Path
+) -> None:
+    base = _base(text_corpus_dir, steps)
+    single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
+    overrides = [*base, f"parallel.ep={ep}", "parallel.fsdp=true", f"comm.dispatcher={dispatcher}"]
+    result = _spawn_train(world, overrides, tmp_path / "fsdp")
+    assert result["losses"][-1] < result["losses"][0]
+    _assert_same(single.losses, result["losses"], f"fsdp world {world} ep {ep} {dispatcher}")
+    assert result["val"] == pytest.approx(single.val_loss, rel=1e-5)
+
+
+def _shard_worker(rank: int, world: int, port: int, ep: int, out: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from epmoe.comm.process import end_process
+    from epmoe.model.moe import moe_layers
+    from epmoe.model.transformer import Transformer
+    from epmoe.parallel.parallelize import parallelize
+
+    _env(rank, world, port)
+    cfg = load_config([*TINY, "model.num_experts=8", f"parallel.ep={ep}", "parallel.fsdp=true"])
+    torch.manual_seed(0)
+    full = {n: p.numel() for n, p in Transformer(cfg.model, cfg.router).named_parameters()}
+    model = Transformer(cfg.model, cfg.router)
+    parallelize(model, cfg, torch.device("cpu"))
+    experts = {id(p) for moe in moe_layers(model) for p in moe.experts.stacked_weights().values()}
+    record = {}
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        record[name] = {"expert": id(p) in experts, "dtensor": isinstance(p, DTensor), "local": local.numel(),
+                        "full": full[name]}  # fmt: skip
+    Path(f"{out}.{rank}").write_text(json.dumps(record))
+    end_process(0)
+
+
+@pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2)])
+def test_fsdp_holds_a_shard_of_each_non_expert_weight(world: int, ep: int, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    mp.spawn(_shard_worker, args=(world, free_port(), ep, str(out)), nprocs=world)
+    records = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
+    for name, first in records[0].items():
+        locals_ = [rec[name]["local"] for rec in records]
+        if not first["expert"]:  # sharded over all ranks: dim 0 cut in world pieces (the last may be short)
+            assert first["dtensor"], name
+            assert sum(locals_) == first["full"] and max(locals_) <= -(-first["full"] // world) + first["full"] // 8
+        elif world == ep:  # expert-DP 1: this rank's experts stay whole, plain tensors
+            assert not first["dtensor"] and locals_ == [first["full"] // ep] * world, name
+        else:  # this rank's experts, sharded over the expert-DP group of world / ep ranks
+            assert first["dtensor"] and locals_ == [first["full"] // world] * world, name
+
+
+def test_fsdp_checkpoints_resume_across_fsdp_and_one_process(tmp_path: Path, text_corpus_dir: Path) -> None:
+    base = [*_base(text_corpus_dir, 10), "train.checkpoint_every=5"]
+    single_dir = tmp_path / "single"
+    single = train(load_config([*base, "train.batch_size=4"]), single_dir)
+    fsdp_dir = tmp_path / "fsdp"
+    fsdp = _spawn_train(2, [*base, "parallel.ep=2", "parallel.fsdp=true"], fsdp_dir)
+    _assert_same(single.losses, fsdp["losses"], "fsdp")
+    # saved with FSDP at world 2, resumed in one process without it
+    ckpt = checkpoint_files.checkpoint_dir(fsdp_dir) / "step_00000005"
+    resumed = train(load_config([*base, "train.batch_size=4", "parallel.ep=1", "parallel.fsdp=false",
+                                 f"train.resume={ckpt}"]), tmp_path / "resumed_single")  # fmt: skip
+    _assert_same(single.losses[5:], resumed.losses, "one process resumed from the fsdp checkpoint")
+    # saved by one process, resumed with FSDP at world 2
+    ckpt = checkpoint_files.checkpoint_dir(single_dir) / "step_00000005"
+    again = _spawn_train(2, [*base, "parallel.ep=2", "parallel.fsdp=true", f"train.resume={ckpt}"],
+                         tmp_path / "resumed_fsdp")  # fmt: skip
+    _assert_same(single.losses[5:], again["losses"], "fsdp resumed from the one-process checkpoint")
+    assert again["val"] == pytest.approx(single.val_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.engine=deepspeed"],
+            "DeepSpeed's ZeRO already shards; use train.engine=native with parallel.fsdp=true",
+        ),
+        (["placement=balanced"], "migration moves unsharded optimizer state"),
+        (["placement=redundant", "placement.slots_per_rank=3"], "replicas are synchronised and migrated"),
+    ],
+)
+def test_fsdp_refuses_what_it_does_not_combine_with_in_one_line(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config([*TINY, "model.num_experts=4", "parallel.ep=2", "parallel.fsdp=true", *overrides])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_fsdp_refuses_sharded_experts_under_the_pipelined_dispatcher() -> None:
+    dims = ParallelDims(world=4, dp=4, ep=2, num_experts=4)  # expert-DP 2: the experts would be sharded
+    with pytest.raises(ConfigError, match="use comm.dispatcher=alltoall"):
+        apply_fsdp(torch.nn.Module(), dims, torch.device("cpu"), pipelined=True)
+
+
+def test_fsdp_in_one_process_is_a_no_op(tmp_path: Path, text_corpus_dir: Path) -> None:
+    """One rank has nothing to shard over: the run is the plain one-process run."""
+    base = _base(text_corpus_dir, 3)
+    plain = train(load_config([*base, "train.batch_size=4"]), tmp_path / "plain")
+    fsdp = train(load_config([*base, "train.batch_size=4", "parallel.fsdp=true"]), tmp_path / "fsdp")
+    assert fsdp.losses == plain.losses
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (one NCCL rank each)")
+def test_fsdp_training_on_cuda_with_nccl_matches_one_process(tmp_path: Path, text_corpus_dir: Path) -> None:
+    base = [*_base(text_corpus_dir, 10), "train.device=cuda"]
+    single = train(load_config([*base, "train.batch_size=4"]), tmp_path / "single")
+    result = _spawn_train(2, [*base, "parallel.ep=2", "parallel.fsdp=true"], tmp_path / "fsdp")
+    for step, (a, b) in enumerate(zip(single.losses, result["losses"]), 1):
+        assert abs(a - b) <= 1e-4 * abs(a), f"step {step}: one process {a} vs fsdp on cuda {b}"
