@@ -13,7 +13,7 @@ blocks, so a side computation (the shared experts) runs after it; the pipelined 
 one that overlaps it.
 
 Both exchanging dispatchers route by `slot_map` (where each (token, choice) goes: comm/slot_map.py);
-re-placing experts re-points it (`parallel.placement_state.apply_placement`), nothing else changes.
+re-placing experts re-points it (`epmoe/parallel/expert_parallel.py: apply_placement`), nothing else changes.
 
 payload_dtype (e.g. bf16): rows are cast to it just for the exchanges and back to the compute
 dtype on arrival; the casts sit outside the autograd all-to-all, so gradients cross in it too.

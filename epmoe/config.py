@@ -1,6 +1,6 @@
 """Typed config schemas for every Hydra group, their defaults, and their semantic validation.
 
-Hydra stays at the edges (`epmoe/train/__main__.py`, later `launch/`): it composes YAML from
+Hydra stays at the edges (`epmoe/train/__main__.py`, `launch/`): it composes YAML from
 `conf/` onto these dataclasses (unknown keys, `+key=...` ones too, and wrong types fail there:
 `epmoe/train/cli.py`), converts the result to a plain `Config`, and everything inside the
 library receives dataclasses only.

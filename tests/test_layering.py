@@ -1,4 +1,4 @@
-"""The layering of ../shared/DESIGN.md, enforced on every module's imports (read from the AST).
+"""The layering of docs/architecture.md (the design map), enforced on every module's imports (read from the AST).
 
 Layers, top first; a module imports only its own layer and the ones above it:
     epmoe.config, epmoe.validate, epmoe.choices,

@@ -5,7 +5,7 @@ Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 (MoE) and Llama, Qwe
 starting points for upcycling). A config option epmoe does not implement (a RoPE scaling type,
 sliding windows, QKV clipping, ...) is refused in one line naming the key; nothing is ignored
 silently. Every translation here is checked against `transformers` itself
-(tests/test_hf_parity.py): the imported model's logits equal the reference's.
+(tests/test_hf.py): the imported model's logits equal the reference's.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Dh head size, R rotary frequencies (half the rotated dims), L latent (low-rank) 
 P positions attended to (the cache's past ones and the S new ones; P = S without a cache),
 V value dims of MLA.
 
-Each variant computes what its Hugging Face family computes (tests/test_hf_parity.py checks
+Each variant computes what its Hugging Face family computes (tests/test_hf.py checks
 the logits against `transformers`): grouped-query heads share k/v as `repeat_kv` does (query
 head h reads k/v head h // (H / G)), QK-norm sits where Qwen3 (per head) or OLMoE (over the
 whole projection) puts it, and RoPE rotates either interleaved pairs or the two halves.
