@@ -281,9 +281,10 @@ def make_recipe(ctx: Ctx, command: list[str]) -> None:
     """`make TARGET [VAR=...]`: make -n prints the commands the target runs, and each runs as its
     own entry of VARIANTS. -o .venv/.installed: the venv exists (this test runs in it), so the
     install recipe is left out."""
-    # NOTE: under `make test` this is a sub-make: without the outer make's variables and with
-    # --no-print-directory it prints only the recipe ("make[1]: Entering directory" otherwise)
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    # NOTE: under `make test` this is a sub-make: without the outer make's variables (make exports
+    # command-line ones, e.g. `make test ARGS=...`) and with --no-print-directory it prints only the
+    # recipe ("make[1]: Entering directory" otherwise)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "ARGS")}
     printed = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", *command[1:]], cwd=REPO,
                              capture_output=True, text=True, check=True, env=env).stdout  # fmt: skip
     ctx.ran.append(f"make -n -o .venv/.installed {shlex.join(command[1:])}   (prints what it runs)")
