@@ -13,6 +13,7 @@ stdout and stderr into `<run dir>/train.log`, each line as the terminal finally 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,25 +26,26 @@ def human(n: float) -> str:
     return f"{n:.3g}"
 
 
+# the optional columns of a step's line, in order: (record key, its text); a column whose key the
+# record lacks is left out (mfu without a known peak, memory off the logging steps, val off evaluations)
+COLUMNS: list[tuple[str, Callable[[float], str]]] = [
+    ("tokens_per_s", lambda v: f"{human(v):>5} tok/s"),
+    ("mfu", lambda v: f"mfu {v:5.1%}"),
+    ("mem_gib", lambda v: f"{v:.2f} GiB"),
+    ("lr", lambda v: f"lr {v:.1e}"),
+    ("step_ms", lambda v: f"{v:4.0f} ms/step"),
+    ("val_loss", lambda v: f"val {v:.3f}"),
+    ("val_bpb", lambda v: f"{v:.3f} bpb"),
+]
+
+
 def format_line(record: dict[str, Any], total_steps: int) -> str:
     """The console line of a logged step's record (see the module docstring)."""
     width = len(str(total_steps))
     cols = [f"step {record['step']:>{width}}/{total_steps}", f"loss {record['loss']:.3f}"]
-    if "tokens_per_s" in record:
-        cols.append(f"{human(record['tokens_per_s']):>5} tok/s")
-    if "mfu" in record:
-        cols.append(f"mfu {record['mfu']:5.1%}")
-    if "mem_gib" in record:
-        cols.append(f"{record['mem_gib']:.2f} GiB")
-    cols.append(f"lr {record['lr']:.1e}")
-    if "step_ms" in record:
-        cols.append(f"{record['step_ms']:4.0f} ms/step")
-    if "val_loss" in record:
-        cols.append(f"val {record['val_loss']:.3f}")
-        if "val_bpb" in record:
-            cols.append(f"{record['val_bpb']:.3f} bpb")
-        elif "val_bits_per_token" in record:
-            cols.append(f"{record['val_bits_per_token']:.3f} bits/token")
+    cols += [text(record[key]) for key, text in COLUMNS if key in record]
+    if "val_loss" in record and "val_bpb" not in record and "val_bits_per_token" in record:
+        cols.append(f"{record['val_bits_per_token']:.3f} bits/token")  # token files: their bytes are unknown
     if record.get("skipped_nonfinite"):
         cols.append("SKIPPED (non-finite)")
     return " | ".join(cols)
