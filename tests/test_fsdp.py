@@ -61,14 +61,16 @@ def _assert_same(reference: list[float], other: list[float], what: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("world", "ep", "dispatcher", "steps"),
-    [(2, 2, "alltoall", 20), (2, 2, "pipelined", 20), (4, 2, "alltoall", 10)],
-    ids=["w2ep2", "w2ep2-pipelined", "w4ep2-experts-sharded"],
+    ("world", "ep", "dispatcher", "steps", "accum"),
+    [(2, 2, "alltoall", 20, 1), (2, 2, "pipelined", 20, 1), (4, 2, "alltoall", 10, 1), (4, 2, "alltoall", 5, 2)],
+    ids=["w2ep2", "w2ep2-pipelined", "w4ep2-experts-sharded", "w4ep2-accum2"],
 )
 def test_fsdp_training_matches_one_process_losses(
-    world: int, ep: int, dispatcher: str, steps: int, tmp_path: Path, text_corpus_dir: Path
+    world: int, ep: int, dispatcher: str, steps: int, accum: int, tmp_path: Path, text_corpus_dir: Path
 ) -> None:
-    base = _base(text_corpus_dir, steps)
+    """accum 2: the first micro-batch's backward does not reduce-scatter (gradient_sync), the
+    second reduces both: the same update as one process's two micro-batches."""
+    base = [*_base(text_corpus_dir, steps), f"train.grad_accum={accum}"]
     single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
     overrides = [*base, f"parallel.ep={ep}", "parallel.fsdp=true", f"comm.dispatcher={dispatcher}"]
     result = _spawn_train(world, overrides, tmp_path / "fsdp")

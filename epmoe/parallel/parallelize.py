@@ -89,6 +89,13 @@ class Parallel:
         """What sums the replicated gradients during backward (None in one process)."""
         return GradientReducer(model, self.dims) if self.info.world > 1 and not self.sharding.replicated else None
 
+    def gradient_sync(self, model: nn.Module, last: bool) -> None:
+        """Before a micro-batch's backward: under FSDP2 only the step's last one reduce-scatters;
+        the earlier ones accumulate their unsharded gradients locally (one reduction per step, as
+        without FSDP). A no-op otherwise (the bucketed reducer is armed for the last backward)."""
+        if self.sharding.replicated:
+            model.set_requires_gradient_sync(last)  # the FSDP2 root's method (fsdp.py): every sharded module
+
     def reduce_and_clip(self, model: nn.Module, max_norm: float, reducer: GradientReducer | None = None) -> float:
         """After backward: the reduction rules (gradients.py, replicas.py), then one global norm
         clipped to max_norm (inf: only measured); returns the norm. reducer: the one armed for

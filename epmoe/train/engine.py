@@ -93,6 +93,7 @@ class NativeEngine:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         if last and self.reducer is not None:
             self.reducer.arm()
+        self.par.gradient_sync(self.model, last)
         loss.backward()
 
     def prepare(self) -> float:
