@@ -14,8 +14,8 @@ one the run reported at that step, to float rounding. Bits per byte need the byt
 tokens: text data has them; token files (data.kind=bin) do not.
 Errors (no checkpoint, a bad override, unusable data) are one line and exit 2.
 
-This module is an edge of the layer order: it reads epmoe checkpoints and evaluates as the
-trainer does (epmoe.train).
+In the layer order (tests/test_layering.py) this command line sits below epmoe.train: it reads
+epmoe checkpoints and evaluates as the trainer does.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ line with the speed to stderr. Generation keeps a key/value cache (Transformer.g
 Errors (a path that is neither a checkpoint nor a Hugging Face folder, a bad checkpoint, a
 tokenizer that does not fit) are one line and exit 2.
 
-This module is an edge of the layer order: it reads epmoe checkpoints (epmoe.train) and
-Hugging Face folders (epmoe.hf).
+In the layer order (tests/test_layering.py) this command line sits below epmoe.train: it reads
+epmoe checkpoints (epmoe.train) and Hugging Face folders (epmoe.hf).
 """
 
 from __future__ import annotations
