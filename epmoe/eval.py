@@ -34,7 +34,7 @@ from epmoe.parallel.parallelize import Parallel
 from epmoe.train import checkpoint_files
 from epmoe.train.checkpoint_files import CheckpointError
 from epmoe.train.checkpoint_model import load_model
-from epmoe.train.cli import load_config
+from epmoe.train.cli import hydra_quoted, load_config
 from epmoe.train.data import load_splits
 from epmoe.train.manifest import ManifestError
 from epmoe.train.step import evaluate
@@ -63,7 +63,7 @@ def _quoted(value: object) -> str:
         return "null"
     if isinstance(value, int | float):
         return repr(value)
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return hydra_quoted(str(value))
 
 
 def eval_config(ckpt: Path, manifest: dict, overrides: list[str]) -> Config:

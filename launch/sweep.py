@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 from epmoe.config import ConfigError
-from epmoe.train.cli import expand_path
+from epmoe.train.cli import expand_path, hydra_quoted
 from epmoe.train.runs import WANDB_GROUP, WANDB_TAG_CHARS, WANDB_TAGS
 
 MULTIRUN_FLAGS = ("--multirun", "-m")
@@ -33,13 +33,8 @@ class Job:
 
     def with_wandb_names(self, sweep_dir: Path) -> list[str]:
         """The overrides plus the wandb group (the sweep) and tags (the swept values)."""
-        tags = ",".join(_quoted(s[:WANDB_TAG_CHARS]) for s in self.swept)
-        return [*self.overrides, f"{WANDB_GROUP}={_quoted(str(sweep_dir))}", f"{WANDB_TAGS}=[{tags}]"]
-
-
-def _quoted(text: str) -> str:
-    """A Hydra single-quoted string (a value with '=', ',' or '/' in it stays one value)."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        tags = ",".join(hydra_quoted(s[:WANDB_TAG_CHARS]) for s in self.swept)
+        return [*self.overrides, f"{WANDB_GROUP}={hydra_quoted(str(sweep_dir))}", f"{WANDB_TAGS}=[{tags}]"]
 
 
 def plan(overrides: list[str]) -> tuple[Path, list[Job]]:

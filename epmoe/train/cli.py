@@ -154,14 +154,19 @@ def expand_path(value: str) -> str:
     return os.path.expandvars(os.path.expanduser(value))
 
 
+def hydra_quoted(text: str) -> str:
+    """`text` as one single-quoted value of Hydra's override grammar (a path or tag holding `=`,
+    `,`, `/` or a quote stays one string)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def expand_path_overrides(overrides: Sequence[str]) -> list[str]:
     """`data.path=~/books` -> `data.path='/home/me/books'` (quoted for Hydra's parser)."""
     out = []
     for o in overrides:
         key, eq, value = o.partition("=")
         if eq and key.lstrip("+") in PATH_KEYS and (value.startswith("~") or "$" in value) and "${" not in value:
-            quoted = expand_path(value.strip("'\"")).replace("\\", "\\\\").replace("'", "\\'")
-            o = f"{key}='{quoted}'"
+            o = key + "=" + hydra_quoted(expand_path(value.strip("'\"")))
         out.append(o)
     return out
 
