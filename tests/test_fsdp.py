@@ -1,7 +1,8 @@
 """FSDP2 beside expert parallelism (parallel.fsdp=true) on CPU/gloo: spawned ranks train with the
 same losses as one process on the same global batch, hold about 1/world of each non-expert
-weight, and checkpoint in the unsharded format (a run saved with FSDP resumes without it and
-back). Every multi-rank case is tiny (threads=1) so the file runs in about a minute or two.
+weight, and checkpoint their non-expert shards with torch.distributed.checkpoint (each rank its
+own), resharded on load across (world, ep, fsdp) both ways. Every multi-rank case is tiny
+(threads=1), and a spawned group runs several jobs, so the file runs in about two minutes.
 """
 
 from __future__ import annotations
@@ -34,20 +35,29 @@ def _env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str, out: str) -> None:
+def _train_worker(rank: int, world: int, port: int, jobs: list[tuple[list[str], str]], out: str) -> None:
+    """Run each (overrides, run dir) job in turn in one process group: a process start costs
+    seconds, a job on the tiny model about one."""
     from epmoe.comm.process import end_process
 
     _env(rank, world, port)
-    result = train(load_config(overrides), Path(run_dir))
+    results = []
+    for overrides, run_dir in jobs:
+        result = train(load_config(overrides), Path(run_dir))
+        results.append({"losses": result.losses, "val": result.val_loss})
     if rank == 0:
-        Path(out).write_text(json.dumps({"losses": result.losses, "val": result.val_loss}))
+        Path(out).write_text(json.dumps(results))
     end_process(0)
 
 
-def _spawn_train(world: int, overrides: list[str], run_dir: Path) -> dict:
-    out = run_dir.parent / f"{run_dir.name}.json"
-    mp.spawn(_train_worker, args=(world, free_port(), overrides, str(run_dir), str(out)), nprocs=world)
+def _spawn_jobs(world: int, jobs: list[tuple[list[str], Path]]) -> list[dict]:
+    out = jobs[0][1].parent / f"{jobs[0][1].name}.json"
+    mp.spawn(_train_worker, args=(world, free_port(), [(o, str(d)) for o, d in jobs], str(out)), nprocs=world)
     return json.loads(out.read_text())
+
+
+def _spawn_train(world: int, overrides: list[str], run_dir: Path) -> dict:
+    return _spawn_jobs(world, [(overrides, run_dir)])[0]
 
 
 def _base(corpus: Path, steps: int) -> list[str]:
@@ -119,24 +129,40 @@ def test_fsdp_holds_a_shard_of_each_non_expert_weight(world: int, ep: int, tmp_p
             assert first["dtensor"] and locals_ == [first["full"] // world] * world, name
 
 
-def test_fsdp_checkpoints_resume_across_fsdp_and_one_process(tmp_path: Path, text_corpus_dir: Path) -> None:
-    base = [*_base(text_corpus_dir, 10), "train.checkpoint_every=5"]
-    single_dir = tmp_path / "single"
-    single = train(load_config([*base, "train.batch_size=4"]), single_dir)
-    fsdp_dir = tmp_path / "fsdp"
-    fsdp = _spawn_train(2, [*base, "parallel.ep=2", "parallel.fsdp=true"], fsdp_dir)
-    _assert_same(single.losses, fsdp["losses"], "fsdp")
-    # saved with FSDP at world 2, resumed in one process without it
-    ckpt = checkpoint_files.checkpoint_dir(fsdp_dir) / "step_00000005"
-    resumed = train(load_config([*base, "train.batch_size=4", "parallel.ep=1", "parallel.fsdp=false",
-                                 f"train.resume={ckpt}"]), tmp_path / "resumed_single")  # fmt: skip
-    _assert_same(single.losses[5:], resumed.losses, "one process resumed from the fsdp checkpoint")
-    # saved by one process, resumed with FSDP at world 2
-    ckpt = checkpoint_files.checkpoint_dir(single_dir) / "step_00000005"
-    again = _spawn_train(2, [*base, "parallel.ep=2", "parallel.fsdp=true", f"train.resume={ckpt}"],
-                         tmp_path / "resumed_fsdp")  # fmt: skip
-    _assert_same(single.losses[5:], again["losses"], "fsdp resumed from the one-process checkpoint")
-    assert again["val"] == pytest.approx(single.val_loss, rel=1e-5)
+def _step(run_dir: Path, step: int) -> Path:
+    return checkpoint_files.checkpoint_dir(run_dir) / f"step_{step:08d}"
+
+
+def test_fsdp_checkpoints_reshard_across_world_ep_and_fsdp_both_ways(tmp_path: Path, text_corpus_dir: Path) -> None:
+    """Saved at world 4 / EP 4 / FSDP (each rank writing its own shards of the non-expert state:
+    dense/, nothing gathered), resumed at world 2 / EP 2 without FSDP and in one process; and the
+    reverse: saved by one process and at world 2 / EP 2 without FSDP, resumed at world 4 / EP 4 /
+    FSDP. Every resumed run's losses equal the uninterrupted one-process run's."""
+    base = [*_base(text_corpus_dir, 15), "train.checkpoint_every=5"]
+    single = train(load_config([*base, "train.batch_size=8"]), tmp_path / "single")
+    w4 = [*base, "parallel.ep=4", "parallel.fsdp=true"]
+    w2 = [*base, "train.batch_size=4", "parallel.ep=2", "parallel.fsdp=false"]
+    resume_single = [*w4, f"train.resume={_step(tmp_path / 'single', 5)}"]
+    fsdp, from_single = _spawn_jobs(4, [(w4, tmp_path / "w4"), (resume_single, tmp_path / "w4b")])
+    _assert_same(single.losses, fsdp["losses"], "world 4 ep 4 fsdp")
+    _assert_same(single.losses[5:], from_single["losses"], "world 4 fsdp resumed from one process")
+
+    ckpt = _step(tmp_path / "w4", 5)
+    manifest = checkpoint_files.verify(ckpt)
+    assert manifest["dense"] == {"format": "torch.distributed.checkpoint", "folder": "dense"}
+    shard_bytes = [manifest["files"][f"dense/__{r}_0.distcp"]["bytes"] for r in range(4)]
+    assert max(shard_bytes) < 0.3 * sum(shard_bytes)  # each rank wrote about a quarter
+    common = checkpoint_files.load_file(ckpt / checkpoint_files.COMMON)
+    assert "model" not in common and "state" not in common["optimizer"]  # nothing gathered onto rank 0
+
+    (from_fsdp,) = _spawn_jobs(2, [([*w2, f"train.resume={ckpt}"], tmp_path / "w2")])
+    _assert_same(single.losses[5:], from_fsdp["losses"], "world 2 without fsdp resumed from world 4 fsdp")
+    one = [*base, "train.batch_size=8", "parallel.ep=1", "parallel.fsdp=false", f"train.resume={ckpt}"]
+    alone = train(load_config(one), tmp_path / "alone")
+    _assert_same(single.losses[5:], alone.losses, "one process resumed from world 4 fsdp")
+    (from_w2,) = _spawn_jobs(4, [([*w4, f"train.resume={_step(tmp_path / 'w2', 10)}"], tmp_path / "w4c")])
+    _assert_same(single.losses[10:], from_w2["losses"], "world 4 fsdp resumed from world 2 without fsdp")
+    assert from_w2["val"] == pytest.approx(single.val_loss, rel=1e-5)
 
 
 @pytest.mark.parametrize(

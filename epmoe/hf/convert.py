@@ -24,8 +24,9 @@ from torch import nn
 from epmoe.config import Config, ConfigError, DataConfig
 from epmoe.hf.families import Adapter, family_of
 from epmoe.hf.links import HFError, Link, check_complete, their_shape
-from epmoe.model.moe import named_moe_layers
+from epmoe.model.init import to_empty
 from epmoe.model.transformer import Transformer
+from epmoe.parallel.materialize import is_sharded, set_full
 from epmoe.parallel.parallelize import Parallel, parallelize
 from epmoe.validate import validate_model
 
@@ -145,6 +146,7 @@ def load_weights(
     for key, t in state.items():
         if not t.requires_grad and key.endswith("expert_bias_E"):
             t.zero_()
+    last_link = {link.ours: link for link in links}  # after it, a tensor assembled whole is complete
     rows_of: dict[str, dict[int, list[int]]] = {}  # "blocks.i.ffn.experts.w" -> {global id: local rows}
     for link in links:
         if link.expert is None or link.ours in rows_of:
@@ -154,6 +156,8 @@ def load_weights(
         rows_of[link.ours] = {}
         for row, e in enumerate(ids):
             rows_of[link.ours].setdefault(int(e), []).append(row)
+    # a tensor FSDP2 shards is assembled whole on the CPU (one at a time), then cut to this rank's shard
+    whole: dict[str, torch.Tensor] = {}
     for link in links:
         rows = [None] if link.expert is None else rows_of[link.ours].get(link.expert, [])
         if not rows:
@@ -161,11 +165,16 @@ def load_weights(
         piece = folder.read(link.theirs, link.expert if link.their_expert else None, link.their_rows)
         if link.transpose:
             piece = piece.t()
+        target = state[link.ours]
+        if is_sharded(target):
+            target = whole.setdefault(link.ours, torch.empty(target.shape, dtype=target.dtype))
         for row in rows:
-            dest = state[link.ours] if row is None else state[link.ours][row]
+            dest = target if row is None else target[row]
             if link.ours_rows is not None:
                 dest = dest[link.ours_rows[0] : link.ours_rows[1]]
             dest.copy_(piece)
+        if link.ours in whole and link is last_link[link.ours]:
+            set_full(state[link.ours], whole.pop(link.ours))
     return folder
 
 
@@ -176,11 +185,8 @@ def load_parallel(cfg: Config, hf_dir: Path, device: torch.device) -> tuple[Tran
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.router)
     par = parallelize(model, cfg, device)
-    model.to_empty(device=device)
-    every = list(range(cfg.model.num_experts))
-    ids = {name: (par.placement.experts_on_rank(y, par.ep_rank) if par.placement is not None else every)
-           for y, (name, _) in enumerate(named_moe_layers(model))}  # fmt: skip
-    return model, par, load_weights(model, cfg, hf_dir, ids)
+    to_empty(model, device)
+    return model, par, load_weights(model, cfg, hf_dir, par.local_expert_ids(model))
 
 
 def from_pretrained(hf_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Config, Transformer]:
@@ -188,7 +194,7 @@ def from_pretrained(hf_dir: str | Path, device: str | torch.device = "cpu") -> t
     cfg = config_from_hf(Path(hf_dir))
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.router)
-    model.to_empty(device=device)
+    to_empty(model, torch.device(device))
     load_weights(model, cfg, Path(hf_dir))
     return cfg, model
 

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.config import ConfigError
@@ -70,35 +69,3 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, pipel
         _shard(block, world_mesh, {p for p in ignored if any(p is q for q in block.parameters())})
     _shard(model, world_mesh, ignored)
     return Sharding(replicated=True, experts=dims.ep == 1 or shard_experts)
-
-
-class Shards:
-    """What checkpoints need of FSDP2's DTensors. NOTE: interim: each sharded tensor is gathered
-    whole onto every rank (a collective per tensor) so that rank 0 writes the format unsharded
-    runs write; torch.distributed.checkpoint is the follow-up. Without FSDP: `NO_SHARDS`."""
-
-    collective = True  # every rank must build the states a save writes (the gathers are collectives)
-
-    def full(self, t: object) -> object:
-        """t whole: a DTensor's full tensor (collective), anything else as it is."""
-        # DTensor is torch's type, not ours: asking it is the one way to tell a shard from a tensor
-        return t.full_tensor() if isinstance(t, DTensor) else t
-
-    def like(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        """`full` cut as `param` is (its local shard, no communication: every rank read it whole)."""
-        if not isinstance(param, DTensor):
-            return full
-        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-
-
-class NoShards(Shards):
-    collective = False
-
-    def full(self, t: object) -> object:
-        return t
-
-    def like(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        return full
-
-
-NO_SHARDS = NoShards()

@@ -26,11 +26,12 @@ from epmoe.comm.communicator import ep_communicator
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import RankInfo, all_reduce_sum_, init_from_env
 from epmoe.config import CommConfig, Config, ConfigError
-from epmoe.model.moe import moe_layers
+from epmoe.model.moe import moe_layers, named_moe_layers
+from epmoe.parallel.checkpoint_shards import NO_SHARDS, Shards
 from epmoe.parallel.chunk_tuner import ChunkTuner
 from epmoe.parallel.data_parallel import apply_data_parallel
 from epmoe.parallel.expert_parallel import apply_expert_parallel, apply_placement
-from epmoe.parallel.fsdp import NO_SHARDS, Shards, apply_fsdp
+from epmoe.parallel.fsdp import apply_fsdp
 from epmoe.parallel.gradients import UNSHARDED, GradientReducer, Sharding, clip_global_norm_, reduce_gradients
 from epmoe.parallel.migration import Rebalancer
 from epmoe.parallel.replicas import norm_weights, reduce_replica_grads, replica_rows
@@ -73,6 +74,12 @@ class Parallel:
     def mean(self, value: float) -> float:
         """Mean of a per-rank scalar over all ranks (equal batch sizes)."""
         return all_reduce_sum_(torch.tensor([value], dtype=torch.float64))[0].item() / self.info.world
+
+    def local_expert_ids(self, model: nn.Module) -> dict[str, list[int]]:
+        """{MoE layer name: the global expert id of each of this rank's expert rows} (replicas repeat one)."""
+        every = list(range(self.dims.num_experts))
+        return {name: self.placement.experts_on_rank(y, self.ep_rank).tolist() if self.placement is not None else every
+                for y, (name, _) in enumerate(named_moe_layers(model))}  # fmt: skip
 
     def apply_placement(self, model: nn.Module, placement: Placement) -> None:
         """Route by `placement` from now on (its experts must be where it says: see apply_placement)."""

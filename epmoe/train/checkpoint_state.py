@@ -9,6 +9,10 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_<N>/` (N zero-padded to 8 
   common.pt           (rank 0) the non-expert model state (router balancing biases included),
                       the non-expert optimizer state, the LR schedule, the torch RNG state and,
                       under online re-placement, the routing-statistics window summed over ranks
+  dense/              under FSDP2 instead of common.pt's model and optimizer state: those tensors
+                      in torch.distributed.checkpoint's format, each rank's shards in its own file,
+                      written with nothing gathered (epmoe/parallel/checkpoint_shards.py), read back resharded
+                      to any world with FSDP or whole without it
   experts_rank<r>.pt  (EP rank r of expert-data-parallel replica 0; the other replicas hold
                       copies) flat {key: tensor}: "layer<y>.expert<e>.<weight>" is global expert
                       e's row of a stacked expert weight of MoE layer y, "...<weight>.<state>"
@@ -22,7 +26,8 @@ checkpoints) are checkpoint_files.py.
 
 A save (a collective: every rank calls it at the same step):
 1. rank 0 creates `step_<N>.tmp/` and fingerprints the data source; barrier;
-2. EP ranks of replica 0 write their expert file, rank 0 common.pt; each file is fsynced and hashed;
+2. under FSDP2 every rank writes its shards into dense/ (a collective); EP ranks of replica 0 write
+   their expert file, rank 0 common.pt; each file is fsynced and hashed;
 3. one all-reduce gathers the hashes (and is the barrier: every shard is on disk);
 4. rank 0 writes the manifest, renames the directory to `step_<N>/`, fsyncs the parent, and
    prunes the oldest complete checkpoints beyond `keep`; barrier.
@@ -30,11 +35,8 @@ Each barrier and the all-reduce also carry the errno of a failed write (disk ful
 learns of it in the collective it is already in: rank 0 removes `step_<N>.tmp/`, every rank raises
 the same CheckpointError, and the older checkpoints stay as they were.
 
-Under FSDP2 (parallel.fsdp=true) the format is the same: NOTE: interim: every rank gathers each
-sharded tensor whole (`Shards.full`, a collective) so that rank 0 and the EP ranks write what an
-unsharded run writes, and a restore cuts each rank's shard from the whole tensor it reads
-(`Shards.like`); a checkpoint saved with FSDP loads without it and back. torch.distributed.checkpoint
-(each rank writing its own shards) is the follow-up.
+Under FSDP2 the experts keep their files: each is gathered over its expert-DP group only
+(`Shards.full`); a restore cuts each rank's shard from the rows it reads (`Shards.like`).
 
 A restore refuses a checkpoint of another architecture before it reads a tensor, and warns
 (CheckpointWarning) when the data stream or the data source differs from the saved one.
@@ -59,8 +61,18 @@ from epmoe.comm.process import all_reduce_sum_
 from epmoe.config import Config
 from epmoe.model.experts import GroupedExperts
 from epmoe.model.moe import named_moe_layers
-from epmoe.parallel.fsdp import NO_SHARDS, Shards
+from epmoe.parallel.checkpoint_shards import DENSE_METADATA, NO_SHARDS, Shards, dense_file
 from epmoe.placement.placement import Placement, RoutingStats
+from epmoe.train.checkpoint_contents import (
+    ExpertRows,
+    common_file_state,
+    dense_shard_state,
+    expert_params,
+    experts_file_state,
+    identity_placement,
+    param_names,
+    read_non_expert,
+)
 from epmoe.train.checkpoint_files import (
     COMMON,
     MANIFEST,
@@ -73,91 +85,12 @@ from epmoe.train.checkpoint_files import (
     load_file,
     prune,
     read_manifest,
+    sha256,
     verify,
     write_file,
 )
 from epmoe.train.data import fingerprint
 from epmoe.train.manifest import architecture, architecture_differences, build, data_source_changes
-
-
-def _expert_params(model: nn.Module) -> dict[str, tuple[int, str]]:
-    """{full parameter name: (MoE layer, weight name)} of the stacked expert weights."""
-    out = {}
-    for y, (prefix, moe) in enumerate(named_moe_layers(model)):
-        for w in moe.experts.stacked_weights():
-            out[f"{prefix}.experts.{w}"] = (y, w)
-    return out
-
-
-def _identity_placement(num_layers: int, num_experts: int) -> Placement | None:
-    """Every expert local (one process, or ep 1): slot e holds expert e."""
-    if num_layers == 0:
-        return None
-    return Placement(torch.arange(num_experts).repeat(num_layers, 1), 1, num_experts, "contiguous")
-
-
-# -- writing ---------------------------------------------------------------------------------------
-
-
-def _expert_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, placement: Placement, ep_rank: int, shards: Shards = NO_SHARDS
-) -> dict:
-    """This rank's expert rows (weights and optimizer state), keyed by layer and global expert id.
-    shards: how to read a sharded stacked weight whole (collective under FSDP2)."""
-    out: dict[str, torch.Tensor] = {}
-    for y, (_, moe) in enumerate(named_moe_layers(model)):
-        ids = placement.experts_on_rank(y, ep_rank).tolist()
-        for w, param in moe.experts.stacked_weights().items():
-            rows = {"": shards.full(param.detach())}  # suffix -> [L, ...] tensor
-            for key, value in optimizer.state.get(param, {}).items():
-                value = shards.full(value)
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    rows[f".{key}"] = value
-                elif torch.is_tensor(value):  # per-tensor state, e.g. AdamW's step
-                    out[f"layer{y}.{w}.{key}"] = value.detach().cpu().clone()
-            for local, e in enumerate(ids):
-                for suffix, t in rows.items():
-                    # NOTE: clone: saving a view would write the whole stacked storage
-                    out[f"layer{y}.expert{e}.{w}{suffix}"] = t[local].detach().cpu().clone()
-    return out
-
-
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
-    """t, copied where it is a view into a larger storage (torch.save writes whole storages;
-    DeepSpeed's ZeRO keeps the parameters in flat buffers that hold the experts too)."""
-    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
-
-
-def _common_state(model, optimizer, scheduler, routing_window: RoutingStats | None, shards: Shards = NO_SHARDS) -> dict:
-    """Rank 0's non-expert state; the optimizer's is keyed by parameter name, not position.
-    shards: how to read sharded tensors whole (collective under FSDP2: every rank calls it then)."""
-    experts = _expert_params(model)
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    opt = optimizer.state_dict()
-    groups = [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
-        for g in opt["param_groups"]
-    ]
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    state = {
-        "model": {k: _own_storage(shards.full(v)) for k, v in model.state_dict().items() if k not in experts},
-        "optimizer": {
-            "param_groups": groups,
-            "state": {
-                names[i]: {k: shards.full(v) for k, v in s.items()}
-                for i, s in opt["state"].items()
-                if names[i] not in experts
-            },
-        },
-        "scheduler": scheduler.state_dict(),
-        "rng": rng,
-    }
-    if routing_window is not None:
-        state["routing_window"] = {"load_YE": routing_window.load_YE, "cooc_YEE": routing_window.cooc_YEE}
-    return state
 
 
 def _not_saved(final: Path, errno_: int, doing: str) -> CheckpointError:
@@ -205,7 +138,7 @@ def save(
     final, tmp = folder / f"step_{step:08d}", folder / f"step_{step:08d}.tmp"
     main, ep = rank == 0, dims.ep
     layers = named_moe_layers(model)
-    placement = placement or _identity_placement(len(layers), dims.num_experts)
+    placement = placement or identity_placement(len(layers), dims.num_experts)
     # NOTE: each barrier below is an all-reduce carrying rank 0's errno (0: fine), so a failure
     # costs no collective of its own and no rank is left waiting in one
     started_2 = torch.zeros(2, dtype=torch.int64)  # errno, what failed (0: creating tmp, 1: reading the data)
@@ -229,47 +162,62 @@ def save(
         doing = f"reading the data source {cfg.data.path or 'stdlib'}" if int(started_2[1]) else f"creating {tmp}"
         raise _not_saved(final, errno_, doing)
 
-    # one row per file (the EP ranks' expert files, then common.pt): 32 sha256 bytes, the size,
-    # and the errno of a failed write (0: written); the all-reduce gathers them on every rank
+    # one row per file (the EP ranks' expert files, common.pt, under FSDP2 each rank's DCP file
+    # and the DCP metadata): 32 sha256 bytes, the size, the errno of a failed write (0: none) and
+    # whether it was written; the all-reduce gathers them on every rank
+    dense = shards.dense_folder
     names = [expert_file(r) for r in range(ep)] + [COMMON]
-    report_F34 = torch.zeros(ep + 1, 34, dtype=torch.int64)
+    if dense is not None:
+        names += [f"{dense}/{dense_file(r)}" for r in range(dims.world)] + [f"{dense}/{DENSE_METADATA}"]
+    report_F35 = torch.zeros(len(names), 35, dtype=torch.int64)
+
+    def record(name: str, sha: str, size: int) -> None:
+        row = names.index(name)
+        report_F35[row, :32] = torch.tensor(list(bytes.fromhex(sha)))
+        report_F35[row, 32], report_F35[row, 34] = size, 1
 
     def write(row: int, state_of) -> None:
         try:
-            sha, size = write_file(tmp / names[row], state_of())
-            report_F34[row, :32] = torch.tensor(list(bytes.fromhex(sha)))
-            report_F34[row, 32] = size
+            record(names[row], *write_file(tmp / names[row], state_of()))
         except OSError as e:
-            report_F34[row, 33] = _errno(e)
+            report_F35[row, 33] = _errno(e)
 
-    # under FSDP2 every rank takes part in gathering what rank 0 and the EP ranks write
+    # under FSDP2 every rank takes part in gathering the expert rows the EP ranks write, and
+    # writes its own shards of the rest (DCP: a collective)
     experts_state = common_state = None
     if placement is not None and (rank < ep or shards.collective):
-        experts_state = _expert_state(model, optimizer, placement, dims.ep_rank(rank), shards)
-    if main or shards.collective:
-        common_state = _common_state(model, optimizer, scheduler, routing_window, shards)
+        experts_state = experts_file_state(model, optimizer, placement, dims.ep_rank(rank), shards)
+    if main:
+        common_state = common_file_state(model, optimizer, scheduler, routing_window, with_dense=dense is None)
+    if dense is not None:
+        try:
+            for name in shards.save_dense(tmp / dense, dense_shard_state(model, optimizer), rank):
+                path = tmp / dense / name
+                record(f"{dense}/{name}", sha256(path), path.stat().st_size)
+        except OSError as e:  # raised on every rank: the row of this rank's own file carries it
+            report_F35[names.index(f"{dense}/{dense_file(rank)}"), 33] = _errno(e)
     if rank < ep and placement is not None:  # expert-DP replica 0 (rank = dp_index * ep + ep_index)
         write(rank, lambda: experts_state)
-    if main and not report_F34[:, 33].any():
+    if main and not report_F35[:, 33].any():
         write(ep, lambda: common_state)
     if shard_written is not None:
         shard_written()
-    all_reduce_sum_(report_F34)  # NOTE: also the barrier: every shard is on disk after it
-    if failed := report_F34[:, 33].nonzero().flatten().tolist():
+    all_reduce_sum_(report_F35)  # NOTE: also the barrier: every shard is on disk after it
+    if failed := report_F35[:, 33].nonzero().flatten().tolist():
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _not_saved(final, int(report_F34[failed[0], 33]), f"writing {names[failed[0]]}")
+        raise _not_saved(final, int(report_F35[failed[0], 33]), f"writing {names[failed[0]]}")
 
     done_1 = torch.zeros(1, dtype=torch.int64)  # rank 0's errno writing the manifest
     if main:
         files = {
-            name: {"sha256": bytes(report_F34[row, :32].tolist()).hex(), "bytes": int(report_F34[row, 32])}
+            name: {"sha256": bytes(report_F35[row, :32].tolist()).hex(), "bytes": int(report_F35[row, 32])}
             for row, name in enumerate(names)
-            if name == COMMON or placement is not None
+            if report_F35[row, 34]
         }
-        weights = sorted({w for _, w in _expert_params(model).values()}, key=GroupedExperts.WEIGHT_NAMES.index)
+        weights = sorted({w for _, w in expert_params(model).values()}, key=GroupedExperts.WEIGHT_NAMES.index)
         layer_names = [name for name, _ in layers]
-        record = build(step, cfg, dims, layer_names, weights, placement, files, data_source)
+        record = build(step, cfg, dims, layer_names, weights, placement, files, data_source, dense)
         try:
             with (tmp / MANIFEST).open("w") as f:
                 json.dump(record, f, indent=1, default=str)
@@ -292,42 +240,6 @@ def save(
 
 
 # -- reading ---------------------------------------------------------------------------------------
-
-
-class _ExpertRows:
-    """Reads expert rows by (layer, global expert id) from the files the saved placement names."""
-
-    def __init__(self, ckpt: Path, manifest: dict):
-        self.ckpt, self.files, self._open = Path(ckpt), manifest["expert_files"], {}
-        p = manifest["placement"]
-        self.saved = (
-            None
-            if p is None
-            else Placement(torch.tensor(p["expert_of_slot_YS"]), p["ep"], manifest["num_experts"], p["origin"])
-        )
-
-    def file_of(self, layer: int, expert: int) -> dict:
-        slot = int(self.saved.replica_slots_EM(layer)[expert, 0])  # its first slot names the file
-        name = self.files[slot // self.saved.slots_per_rank]
-        if name not in self._open:
-            self._open[name] = load_file(self.ckpt / name, mmap=True)
-        return self._open[name]
-
-    def row(self, layer: int, expert: int, key: str) -> torch.Tensor:
-        try:
-            return self.file_of(layer, expert)[f"layer{layer}.expert{expert}.{key}"]
-        except KeyError:
-            raise CheckpointError(f"{self.ckpt} has no row layer{layer}.expert{expert}.{key}") from None
-
-    def stacked(self, layer: int, experts: list[int], key: str) -> torch.Tensor:
-        return torch.stack([self.row(layer, e, key) for e in experts])
-
-    def state_keys(self, layer: int, expert: int, weight: str) -> tuple[list[str], dict[str, torch.Tensor]]:
-        """(per-row optimizer state keys, per-tensor optimizer state) of `weight` in `layer`."""
-        f = self.file_of(layer, expert)
-        row_prefix, tensor_prefix = f"layer{layer}.expert{expert}.{weight}.", f"layer{layer}.{weight}."
-        rows = [k[len(row_prefix) :] for k in f if k.startswith(row_prefix)]
-        return rows, {k[len(tensor_prefix) :]: v for k, v in f.items() if k.startswith(tensor_prefix)}
 
 
 @dataclass
@@ -377,8 +289,8 @@ def restore(
             f"{ckpt} holds {manifest['num_experts']} experts in MoE layers {manifest['moe_layers']}, this model "
             f"{dims.num_experts} in {[n for n, _ in layers]}: resume with the checkpoint's model config"
         )
-    rows = _ExpertRows(ckpt, manifest)
-    placement = placement or _identity_placement(len(layers), dims.num_experts)
+    rows = ExpertRows(ckpt, manifest)
+    placement = placement or identity_placement(len(layers), dims.num_experts)
     saved_map = rows.saved
     if keep_saved_placement and saved_map is not None and saved_map.ep == dims.ep:
         if saved_map.slots_per_rank == placement.slots_per_rank:  # same slots (replicas too): continue it
@@ -386,10 +298,11 @@ def restore(
     common = load_file(ckpt / COMMON)
     ep_rank = dims.ep_rank(rank)
 
-    # 1. model: non-expert state from common.pt, the rows of this rank's experts from the shards
-    experts = _expert_params(model)
+    # 1. model: the non-expert state (common.pt, or DCP's files), the rows of this rank's experts
+    experts = expert_params(model)
     local = {y: placement.experts_on_rank(y, ep_rank).tolist() for y in range(len(layers))}
-    state = dict(common["model"])
+    like = {k: v for k, v in model.state_dict().items() if k not in experts}
+    state, dense_optimizer = read_non_expert(ckpt, manifest, common, like, shards)
     for name, (y, w) in experts.items():
         state[name] = rows.stacked(y, local[y], w)
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under both names
@@ -400,8 +313,7 @@ def restore(
         raise CheckpointError(f"{ckpt} does not fit this model: {str(e).strip().splitlines()[0]}") from None
 
     # 2. optimizer: state by parameter name; expert state rows stacked in local order
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    names = param_names(model, optimizer)
     current = optimizer.state_dict()["param_groups"]
     saved = common["optimizer"]
     if [g["params"] for g in saved["param_groups"]] != [[names[i] for i in g["params"]] for g in current]:
@@ -413,8 +325,8 @@ def restore(
             row_keys, per_tensor = rows.state_keys(y, local[y][0], w) if local[y] else ([], {})
             if row_keys:
                 opt_state[i] = {**per_tensor, **{k: rows.stacked(y, local[y], f"{w}.{k}") for k in row_keys}}
-        elif name in saved["state"]:
-            opt_state[i] = saved["state"][name]
+        elif name in dense_optimizer:
+            opt_state[i] = dense_optimizer[name]
         if i in opt_state:  # state shaped like its parameter is cut as the parameter is (FSDP2)
             p = params[name]
             opt_state[i] = {k: shards.like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
@@ -462,8 +374,8 @@ def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
     """One single-device model state dict, every expert in global order; loads into
     `Transformer(cfg.model, cfg.router)`. Verifies the checksums first."""
     manifest = verify(ckpt)
-    rows = _ExpertRows(ckpt, manifest)
-    state = dict(load_file(Path(ckpt) / COMMON)["model"])
+    rows = ExpertRows(ckpt, manifest)
+    state, _ = read_non_expert(Path(ckpt), manifest, load_file(Path(ckpt) / COMMON), {})
     for y, prefix in enumerate(manifest["moe_layers"]):
         for w in manifest["expert_weights"]:
             state[f"{prefix}.experts.{w}"] = rows.stacked(y, list(range(manifest["num_experts"])), w)

@@ -24,6 +24,7 @@ import torch
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.config import Config
 from epmoe.model.experts import GroupedExperts
+from epmoe.parallel.checkpoint_shards import DENSE_FORMAT, DENSE_METADATA
 from epmoe.placement.placement import Placement
 from epmoe.train.data import FINGERPRINT_ENDS
 
@@ -134,10 +135,13 @@ def build(
     placement: Placement | None,
     files: dict[str, dict],
     data_source: dict,
+    dense: str | None = None,
 ) -> dict:
-    """The manifest of a checkpoint of `step`; `files` is {name: {"sha256", "bytes"}} of every file."""
+    """The manifest of a checkpoint of `step`; `files` is {name: {"sha256", "bytes"}} of every file.
+    dense: the folder of the non-expert state's torch.distributed.checkpoint files (FSDP2), whose
+    files `files` lists as "<folder>/<file>"; None: that state is in common.pt."""
     t = cfg.train
-    return {
+    record = {
         "format_version": FORMAT_VERSION,
         "step": step,
         "world": dims.world,
@@ -169,6 +173,9 @@ def build(
         "torch": torch.__version__,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if dense is not None:  # absent in checkpoints saved without FSDP (and before it)
+        record["dense"] = {"format": DENSE_FORMAT, "folder": dense}
+    return record
 
 
 # -- the schema ------------------------------------------------------------------------------------
@@ -219,9 +226,22 @@ def _check_placement(m: dict, layers: list[str], ep: int, num_experts: int) -> N
             raise ManifestError(f"{where} places no slot for experts {missing}")
 
 
+def _dense_files(m: dict, files: dict) -> list[str]:
+    """The files of the manifest's DCP folder (none without one); the folder must hold its metadata."""
+    if "dense" not in m:
+        return []
+    dense = _field(m, "dense", dict)
+    if (kind := _field(dense, "format", str, "dense.")) != DENSE_FORMAT:
+        raise ManifestError(f"'dense.format' must be {DENSE_FORMAT!r}, not {kind!r}")
+    folder = _field(dense, "folder", str, "dense.")
+    if f"{folder}/{DENSE_METADATA}" not in files:
+        raise ManifestError(f"'files' lacks {folder}/{DENSE_METADATA}")
+    return [f for f in files if f.startswith(f"{folder}/")]
+
+
 def _check_files(m: dict, expert_files: list[str]) -> None:
     files = _field(m, "files", dict)
-    expected = [COMMON, *expert_files]
+    expected = [COMMON, *expert_files, *_dense_files(m, files)]
     if missing := [f for f in expected if f not in files]:
         raise ManifestError(f"'files' lacks {', '.join(missing)}")
     if extra := sorted(set(files) - set(expected)):

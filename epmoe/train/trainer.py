@@ -2,9 +2,10 @@
 
 `train(cfg, run_dir)` takes a validated `Config` and a run directory and returns a
 `TrainResult`; Hydra and the command line stay in `__main__.py`. The pieces, in order:
-1. build: the data, the single-device model (seeded: the same weights on every rank), then
-   `parallelize` (process group, data and expert parallelism, placement, timers, tuner,
-   rebalancer), the engine, the loggers and the hooks (hooks.py);
+1. build: the data, the single-device model on the `meta` device, `parallelize` (process group,
+   data and expert parallelism, placement, timers, tuner, rebalancer, FSDP2), then only this
+   rank's part allocated and initialised (values that depend on the seed and each tensor's name,
+   not on the layout: epmoe/model/init.py), the engine, the loggers and the hooks (hooks.py);
    Before any of it, the checks of preflight.py (one line each), and rank 0 locks the run
    directory (run_lock.py) for the run's life;
 2. resume: from `train.resume`, or after a restart (torchrun, a Slurm requeue) from the run's own
@@ -32,9 +33,11 @@ from epmoe.comm.process import all_reduce_sum_, ranks_on_this_node, restart_coun
 from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
 from epmoe.hf.convert import load_parallel
 from epmoe.host_memory import retain_freed_host_memory
+from epmoe.model.init import build_on_meta
 from epmoe.model.moe import moe_layers
 from epmoe.model.size import training_flops_per_token
 from epmoe.model.transformer import Transformer
+from epmoe.parallel.materialize import materialize
 from epmoe.parallel.parallelize import Parallel, parallelize
 from epmoe.parallel.timing import run_summary
 from epmoe.train import checkpoint_files, checkpoint_state, preflight
@@ -110,9 +113,10 @@ class Trainer:
         self.data: TokenSplits = load_splits(cfg.data, cfg.model.vocab_size)
         if t_cfg.init_from and not t_cfg.resume:
             self.model, self.par = self._import_model(Path(t_cfg.init_from).expanduser())
-        else:
-            self.model = Transformer(cfg.model, cfg.router).to(self.device)  # the same weights on every rank (seeded)
+        else:  # built on meta, parallelised, then only this rank's part allocated and initialised
+            self.model, plan = build_on_meta(cfg.model, cfg.router, t_cfg.seed)
             self.par = parallelize(self.model, cfg, self.device)
+            materialize(self.model, plan, self.par.local_expert_ids(self.model), self.device)
         self.lock = self._lock_run_dir()
         self.engine = build_engine(self.model, t_cfg, self.par, self.device)
         self.num_moe_layers = len(moe_layers(self.model))

@@ -1,0 +1,45 @@
+"""Materialise a model that was built on the `meta` device and parallelised: each rank allocates
+and initialises only what it holds (its experts' rows; under FSDP2 its shards of every weight).
+
+1. storage for this rank's tensors (`to_empty`, ties kept: epmoe/model/init.py);
+2. per tensor, its initial value (InitPlan: a pure function of seed, name and expert id, the same
+   values in every layout), drawn only for this rank's experts, and for a tensor FSDP2 shards
+   whole then cut to this rank's shard (NOTE: the largest such tensor, typically the embedding,
+   is drawn whole, one at a time: the peak is one tensor, not the model).
+`set_full` is also how a Hugging Face import writes a tensor it read whole into a sharded one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from epmoe.model.init import InitPlan, stacked_expert_names, to_empty
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is this rank's shard of a larger tensor (FSDP2's DTensor) rather than the tensor."""
+    # DTensor is torch's type, not ours: asking it is the one way to tell a shard from a tensor
+    return isinstance(t, DTensor)
+
+
+@torch.no_grad()
+def set_full(t: torch.Tensor, full: torch.Tensor) -> None:
+    """Set `t` (a plain tensor, or a DTensor shard of it) to the whole value `full` (no communication)."""
+    if is_sharded(t):
+        shard = distribute_tensor(full.to(t.device), t.device_mesh, t.placements, src_data_rank=None)
+        t.to_local().copy_(shard.to_local())
+    else:
+        t.copy_(full)
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, plan: InitPlan, expert_ids: dict[str, list[int]], device: torch.device) -> None:
+    """Allocate and initialise this rank's part of `model` on `device` (see the module docstring).
+    expert_ids: {MoE layer name: the global expert id of each local row} (Parallel.local_expert_ids)."""
+    to_empty(model, device)
+    experts = stacked_expert_names(model)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        ids = expert_ids[experts[name]] if name in experts else None
+        set_full(t, plan.value(name, tuple(t.shape), t.dtype, ids))  # a DTensor's shape is the whole one
