@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from epmoe.config import ConfigError
 from epmoe.train.cli import load_config
 
-from .conftest import REPO, TINY, free_port
-from .test_expert_parallel import EP_TRAIN, _train_worker
+from .conftest import REPO, TINY
+from .ranks import spawn_jobs
+from .test_expert_parallel import EP_TRAIN
 
 RUN = [*TINY, *EP_TRAIN, "parallel.ep=2", "train.checkpoint_every=10", "logger.progress=false"]
 ENGINES = {"native": [], **{f"zero{s}": ["train.engine=deepspeed", f"train.zero_stage={s}"] for s in (0, 1, 2)}}
@@ -26,30 +26,31 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _spawn(overrides: list[str], run_dir: Path) -> dict:
-    """Train at world 2 (gloo); rank 0's losses and held-out loss."""
-    out = run_dir.with_suffix(".json")
-    mp.spawn(_train_worker, args=(2, free_port(), overrides, str(run_dir), str(out)), nprocs=2)
-    return json.loads(out.read_text())
+# the resumes: (saved by, resumed by), from the saved run's step-10 checkpoint
+RESUMES = [("zero2", "native"), ("native", "zero1")]
 
 
 @pytest.fixture(scope="module")
-def ep2_runs(tmp_path_factory: pytest.TempPathFactory, text_corpus_dir: Path) -> dict[str, Path]:
-    """20 steps at EP=2 with each engine (checkpoints at steps 10 and 20): name -> run directory."""
+def ep2_runs(tmp_path_factory: pytest.TempPathFactory, text_corpus_dir: Path) -> dict:
+    """20 steps at EP=2 with each engine (checkpoints at steps 10 and 20), then each of RESUMES for
+    10 steps: all in one spawned group of 2 ranks. {"dirs": engine -> run dir, "resumed": losses}."""
     root = tmp_path_factory.mktemp("engines")
-    runs = {}
-    for name, extra in ENGINES.items():
-        _spawn([*RUN, "data=text", f"data.path={text_corpus_dir}", *extra], root / name)
-        runs[name] = root / name
-    return runs
+    data = ["data=text", f"data.path={text_corpus_dir}"]
+    jobs = [([*RUN, *data, *extra], root / name) for name, extra in ENGINES.items()]
+    jobs += [([*RUN, *data, *ENGINES[by], f"train.resume={root / saved / 'checkpoints' / 'step_00000010'}"],
+              root / f"{saved}-resumed-by-{by}") for saved, by in RESUMES]  # fmt: skip
+    results = spawn_jobs(2, jobs)
+    return {"dirs": {name: root / name for name in ENGINES},
+            "resumed": {pair: r["losses"] for pair, r in zip(RESUMES, results[len(ENGINES):])}}  # fmt: skip
 
 
-def test_deepspeed_losses_and_norms_match_the_native_engine_at_ep2(ep2_runs: dict[str, Path]) -> None:
-    native = _records(ep2_runs["native"])
+def test_deepspeed_losses_and_norms_match_the_native_engine_at_ep2(ep2_runs: dict) -> None:
+    dirs = ep2_runs["dirs"]
+    native = _records(dirs["native"])
     assert len(native) == 20 and native[-1]["loss"] < native[0]["loss"]
     assert max(r["grad_norm"] for r in native) > 1.0  # clipping (train.grad_clip=1) took part
     for name in ("zero0", "zero1", "zero2"):
-        ds = _records(ep2_runs[name])
+        ds = _records(dirs[name])
         assert len(ds) == 20
         for a, b in zip(native, ds):
             assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), f"{name} step {a['step']}: {a} vs {b}"
@@ -57,16 +58,14 @@ def test_deepspeed_losses_and_norms_match_the_native_engine_at_ep2(ep2_runs: dic
         assert ds[-1]["val_loss"] == pytest.approx(native[-1]["val_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize(("saved_by", "resumed_by"), [("zero2", "native"), ("native", "zero1")])
+@pytest.mark.parametrize(("saved_by", "resumed_by"), RESUMES)
 def test_a_checkpoint_resumes_under_the_other_engine_with_the_same_losses(
-    saved_by: str, resumed_by: str, ep2_runs: dict[str, Path], tmp_path: Path, text_corpus_dir: Path
+    saved_by: str, resumed_by: str, ep2_runs: dict
 ) -> None:
-    uninterrupted = [r["loss"] for r in _records(ep2_runs[saved_by])][10:]
-    ckpt = ep2_runs[saved_by] / "checkpoints" / "step_00000010"
-    resumed = _spawn([*RUN, "data=text", f"data.path={text_corpus_dir}", *ENGINES[resumed_by],
-                      f"train.resume={ckpt}"], tmp_path / "resumed")  # fmt: skip
-    assert len(resumed["losses"]) == 10
-    for step, (a, b) in enumerate(zip(uninterrupted, resumed["losses"]), 11):
+    uninterrupted = [r["loss"] for r in _records(ep2_runs["dirs"][saved_by])][10:]
+    resumed = ep2_runs["resumed"][(saved_by, resumed_by)]
+    assert len(resumed) == 10
+    for step, (a, b) in enumerate(zip(uninterrupted, resumed), 11):
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: {saved_by} {a} vs resumed by {resumed_by} {b}"
 
 

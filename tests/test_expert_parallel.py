@@ -25,7 +25,8 @@ from epmoe.model.moe import MoE
 from epmoe.parallel.expert_parallel import apply_expert_parallel, apply_placement
 from epmoe.placement.policies import experts_on_rank, round_robin
 
-from .conftest import REPO, free_port
+from .conftest import REPO
+from .ranks import spawn_jobs
 
 D = 16
 TOKENS_PER_RANK = [6, 0, 9, 3]  # uneven, and rank 1 sends nothing (with 4 ranks)
@@ -135,35 +136,63 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], run_di
     end_process(0)  # as the rank entry point ends (see end_process)
 
 
-@pytest.mark.parametrize(
-    ("world", "ep", "aux", "dispatcher", "chunks", "exchange_dim"),
-    [(2, 2, "batch", "alltoall", "2", 0), (2, 2, "sequence", "pipelined", "auto", 32),
-     (4, 2, "batch", "pipelined", "3", 0)],
-)  # fmt: skip
-def test_ep_training_matches_single_process_losses(
-    world: int, ep: int, aux: str, dispatcher: str, chunks: str, exchange_dim: int, tmp_path: Path, text_corpus: Path
-) -> None:
-    import json
+# the training cases run on spawned ranks, by name: (world, overrides beyond _ep_base's)
+TRAINING = {
+    "w2-batch-alltoall": (2, ["router.aux_loss=batch", "parallel.ep=2", "comm.dispatcher=alltoall", "comm.chunks=2"]),
+    "w2-sequence-pipelined-auto-dim32": (2, ["router.aux_loss=sequence", "model.exchange_dim=32", "parallel.ep=2",
+                                             "comm.dispatcher=pipelined", "comm.chunks=auto"]),
+    "w4-batch-pipelined": (4, ["router.aux_loss=batch", "parallel.ep=2", "comm.dispatcher=pipelined", "comm.chunks=3"]),
+    **{f"w{w}-{policy}-{slots}": (w, ["router.aux_loss=batch", f"parallel.ep={w}", f"placement={policy}",
+                                      "placement.rebalance_every=4", f"placement.slots_per_rank={slots}"])
+       for w, policy, slots in ((2, "balanced", 0), (4, "affinity", 0), (2, "redundant", 5), (4, "redundant", 3))},
+}  # fmt: skip
+# what a one-process run of the same case keeps (the rest is parallelism)
+SINGLE_KEEPS = ("router.aux_loss=", "model.exchange_dim=")
 
+
+def _ep_base(corpus: Path) -> list[str]:
+    from .conftest import TINY
+
+    return [*TINY, "data=text", f"data.path={corpus}", *EP_TRAIN]
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory: pytest.TempPathFactory, text_corpus_dir: Path) -> dict[str, dict]:
+    """Every TRAINING case: {"losses", "val", "dir"}; one spawned group per world size runs its cases."""
+    root, results = tmp_path_factory.mktemp("ep"), {}
+    for world in (2, 4):
+        names = [name for name, (w, _) in TRAINING.items() if w == world]
+        jobs = [([*_ep_base(text_corpus_dir), *TRAINING[name][1]], root / name) for name in names]
+        for name, result in zip(names, spawn_jobs(world, jobs)):
+            results[name] = {**result, "dir": root / name}
+    return results
+
+
+def _single(case: str, corpus: Path, run_dir: Path):
+    """The one-process run of `case` on the same global batch."""
     from epmoe.train.cli import load_config
     from epmoe.train.trainer import train
 
-    from .conftest import TINY
+    world, overrides = TRAINING[case]
+    kept = [o for o in overrides if o.startswith(SINGLE_KEEPS)]
+    return train(load_config([*_ep_base(corpus), *kept, f"train.batch_size={2 * world}"]), run_dir)
 
-    base = [*TINY, "data=text", f"data.path={text_corpus}", *EP_TRAIN, f"router.aux_loss={aux}",
-            f"model.exchange_dim={exchange_dim}"]  # fmt: skip
-    single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
-    out = tmp_path / "ep.json"
-    overrides = [*base, f"parallel.ep={ep}", f"comm.dispatcher={dispatcher}", f"comm.chunks={chunks}"]
-    mp.spawn(_train_worker, args=(world, free_port(), overrides, str(tmp_path / "ep"), str(out)), nprocs=world)
-    ep_result = json.loads(out.read_text())
+
+@pytest.mark.parametrize("case", ["w2-batch-alltoall", "w2-sequence-pipelined-auto-dim32", "w4-batch-pipelined"])
+def test_ep_training_matches_single_process_losses(
+    case: str, ep_runs: dict[str, dict], tmp_path: Path, text_corpus_dir: Path
+) -> None:
+    import json
+
+    single = _single(case, text_corpus_dir, tmp_path / "single")
+    ep_result = ep_runs[case]
     assert len(ep_result["losses"]) == 20
     assert ep_result["losses"][-1] < ep_result["losses"][0]  # it trains (with exchange_dim too)
     for step, (a, b) in enumerate(zip(single.losses, ep_result["losses"]), 1):
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: single {a} vs ep {b}"
     assert ep_result["val"] == pytest.approx(single.val_loss, rel=1e-5)
-    if chunks == "auto":  # 1, 2 and 4 chunks for 3 steps each, then the chosen count for the rest
-        records = [json.loads(line) for line in (tmp_path / "ep" / "metrics.jsonl").read_text().splitlines()]
+    if "comm.chunks=auto" in TRAINING[case][1]:  # 1, 2 and 4 chunks for 3 steps each, then the chosen count
+        records = [json.loads(line) for line in (ep_result["dir"] / "metrics.jsonl").read_text().splitlines()]
         tried = [r["comm_chunks"] for r in records]
         assert tried[:9] == [1, 1, 1, 2, 2, 2, 4, 4, 4] and len(set(tried[9:])) == 1 and tried[9] in (1, 2, 4)
 
@@ -236,30 +265,18 @@ def test_migration_moves_weights_and_optimizer_state_with_each_expert(world: int
     mp.spawn(_migration_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
 
 
-@pytest.mark.parametrize(
-    ("world", "policy", "slots_per_rank"), [(2, "balanced", 0), (4, "affinity", 0), (2, "redundant", 5),
-                                            (4, "redundant", 3)]
-)  # fmt: skip
+@pytest.mark.parametrize("case", ["w2-balanced-0", "w4-affinity-0", "w2-redundant-5", "w4-redundant-3"])
 def test_training_with_replacement_matches_single_process(
-    world: int, policy: str, slots_per_rank: int, tmp_path: Path, text_corpus: Path
+    case: str, ep_runs: dict[str, dict], tmp_path: Path, text_corpus_dir: Path
 ) -> None:
     import json
 
-    from epmoe.train.cli import load_config
-    from epmoe.train.trainer import train
-
-    from .conftest import TINY
-
-    base = [*TINY, "data=text", f"data.path={text_corpus}", *EP_TRAIN, "router.aux_loss=batch"]
-    single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
-    out = tmp_path / "ep.json"
-    overrides = [*base, f"parallel.ep={world}", f"placement={policy}", "placement.rebalance_every=4",
-                 f"placement.slots_per_rank={slots_per_rank}"]  # fmt: skip
-    mp.spawn(_train_worker, args=(world, free_port(), overrides, str(tmp_path / "ep"), str(out)), nprocs=world)
-    ep_result = json.loads(out.read_text())
+    policy = case.split("-")[1]
+    single = _single(case, text_corpus_dir, tmp_path / "single")
+    ep_result = ep_runs[case]
     for step, (a, b) in enumerate(zip(single.losses, ep_result["losses"]), 1):
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: single {a} vs ep {b} ({policy} re-placement)"
-    records = [json.loads(line) for line in (tmp_path / "ep" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (ep_result["dir"] / "metrics.jsonl").read_text().splitlines()]
     moves = [r for r in records if "placement_bytes_moved" in r]
     assert [r["step"] for r in moves] == [4, 8, 12, 16]  # every 4 steps, not after the last (20)
     assert sum(r["placement_bytes_moved"] for r in moves) > 0  # experts really moved

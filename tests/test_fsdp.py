@@ -23,6 +23,7 @@ from epmoe.train.cli import load_config
 from epmoe.train.trainer import train
 
 from .conftest import TINY, free_port
+from .ranks import spawn_jobs, spawn_train
 
 FSDP_TRAIN = ["router.aux_loss_coef=0.01", "router.bias_update_rate=0.01", "train.batch_size=2",
               "train.eval_every=0", "train.sample_bytes=0", "model.num_experts=8", "train.threads=1",
@@ -35,31 +36,6 @@ def _env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _train_worker(rank: int, world: int, port: int, jobs: list[tuple[list[str], str]], out: str) -> None:
-    """Run each (overrides, run dir) job in turn in one process group: a process start costs
-    seconds, a job on the tiny model about one."""
-    from epmoe.comm.process import end_process
-
-    _env(rank, world, port)
-    results = []
-    for overrides, run_dir in jobs:
-        result = train(load_config(overrides), Path(run_dir))
-        results.append({"losses": result.losses, "val": result.val_loss})
-    if rank == 0:
-        Path(out).write_text(json.dumps(results))
-    end_process(0)
-
-
-def _spawn_jobs(world: int, jobs: list[tuple[list[str], Path]]) -> list[dict]:
-    out = jobs[0][1].parent / f"{jobs[0][1].name}.json"
-    mp.spawn(_train_worker, args=(world, free_port(), [(o, str(d)) for o, d in jobs], str(out)), nprocs=world)
-    return json.loads(out.read_text())
-
-
-def _spawn_train(world: int, overrides: list[str], run_dir: Path) -> dict:
-    return _spawn_jobs(world, [(overrides, run_dir)])[0]
-
-
 def _base(corpus: Path, steps: int) -> list[str]:
     return [*TINY, "data=text", f"data.path={corpus}", *FSDP_TRAIN, f"train.steps={steps}"]
 
@@ -70,20 +46,38 @@ def _assert_same(reference: list[float], other: list[float], what: str) -> None:
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: one process {a} vs {what} {b}"
 
 
-@pytest.mark.parametrize(
-    ("world", "ep", "dispatcher", "steps", "accum"),
-    [(2, 2, "alltoall", 20, 1), (2, 2, "pipelined", 20, 1), (4, 2, "alltoall", 10, 1), (4, 2, "alltoall", 5, 2)],
-    ids=["w2ep2", "w2ep2-pipelined", "w4ep2-experts-sharded", "w4ep2-accum2"],
-)
+# (world, ep, dispatcher, steps, grad_accum) of each equivalence case
+CASES = {"w2ep2": (2, 2, "alltoall", 20, 1), "w2ep2-pipelined": (2, 2, "pipelined", 20, 1),
+         "w4ep2-experts-sharded": (4, 2, "alltoall", 10, 1), "w4ep2-accum2": (4, 2, "alltoall", 5, 2)}  # fmt: skip
+
+
+def _case_base(corpus: Path, case: str) -> list[str]:
+    _, _, _, steps, accum = CASES[case]
+    return [*_base(corpus, steps), f"train.grad_accum={accum}"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory: pytest.TempPathFactory, text_corpus_dir: Path) -> dict[str, dict]:
+    """Every case's FSDP run: one spawned group per world size runs its cases in turn."""
+    root, results = tmp_path_factory.mktemp("fsdp"), {}
+    for world in (2, 4):
+        names = [name for name, (w, *_) in CASES.items() if w == world]
+        jobs = [([*_case_base(text_corpus_dir, name), f"parallel.ep={CASES[name][1]}", "parallel.fsdp=true",
+                  f"comm.dispatcher={CASES[name][2]}"], root / name) for name in names]  # fmt: skip
+        results.update(zip(names, spawn_jobs(world, jobs)))
+    return results
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_fsdp_training_matches_one_process_losses(
-    world: int, ep: int, dispatcher: str, steps: int, accum: int, tmp_path: Path, text_corpus_dir: Path
+    case: str, fsdp_runs: dict[str, dict], tmp_path: Path, text_corpus_dir: Path
 ) -> None:
     """accum 2: the first micro-batch's backward does not reduce-scatter (gradient_sync), the
     second reduces both: the same update as one process's two micro-batches."""
-    base = [*_base(text_corpus_dir, steps), f"train.grad_accum={accum}"]
-    single = train(load_config([*base, f"train.batch_size={2 * world}"]), tmp_path / "single")
-    overrides = [*base, f"parallel.ep={ep}", "parallel.fsdp=true", f"comm.dispatcher={dispatcher}"]
-    result = _spawn_train(world, overrides, tmp_path / "fsdp")
+    world, ep, dispatcher, _, _ = CASES[case]
+    single = train(load_config([*_case_base(text_corpus_dir, case), f"train.batch_size={2 * world}"]),
+                   tmp_path / "single")  # fmt: skip
+    result = fsdp_runs[case]
     assert result["losses"][-1] < result["losses"][0]
     _assert_same(single.losses, result["losses"], f"fsdp world {world} ep {ep} {dispatcher}")
     assert result["val"] == pytest.approx(single.val_loss, rel=1e-5)
@@ -143,7 +137,7 @@ def test_fsdp_checkpoints_reshard_across_world_ep_and_fsdp_both_ways(tmp_path: P
     w4 = [*base, "parallel.ep=4", "parallel.fsdp=true"]
     w2 = [*base, "train.batch_size=4", "parallel.ep=2", "parallel.fsdp=false"]
     resume_single = [*w4, f"train.resume={_step(tmp_path / 'single', 5)}"]
-    fsdp, from_single = _spawn_jobs(4, [(w4, tmp_path / "w4"), (resume_single, tmp_path / "w4b")])
+    fsdp, from_single = spawn_jobs(4, [(w4, tmp_path / "w4"), (resume_single, tmp_path / "w4b")])
     _assert_same(single.losses, fsdp["losses"], "world 4 ep 4 fsdp")
     _assert_same(single.losses[5:], from_single["losses"], "world 4 fsdp resumed from one process")
 
@@ -155,12 +149,12 @@ def test_fsdp_checkpoints_reshard_across_world_ep_and_fsdp_both_ways(tmp_path: P
     common = checkpoint_files.load_file(ckpt / checkpoint_files.COMMON)
     assert "model" not in common and "state" not in common["optimizer"]  # nothing gathered onto rank 0
 
-    (from_fsdp,) = _spawn_jobs(2, [([*w2, f"train.resume={ckpt}"], tmp_path / "w2")])
+    (from_fsdp,) = spawn_jobs(2, [([*w2, f"train.resume={ckpt}"], tmp_path / "w2")])
     _assert_same(single.losses[5:], from_fsdp["losses"], "world 2 without fsdp resumed from world 4 fsdp")
     one = [*base, "train.batch_size=8", "parallel.ep=1", "parallel.fsdp=false", f"train.resume={ckpt}"]
     alone = train(load_config(one), tmp_path / "alone")
     _assert_same(single.losses[5:], alone.losses, "one process resumed from world 4 fsdp")
-    (from_w2,) = _spawn_jobs(4, [([*w4, f"train.resume={_step(tmp_path / 'w2', 10)}"], tmp_path / "w4c")])
+    (from_w2,) = spawn_jobs(4, [([*w4, f"train.resume={_step(tmp_path / 'w2', 10)}"], tmp_path / "w4c")])
     _assert_same(single.losses[10:], from_w2["losses"], "world 4 fsdp resumed from world 2 without fsdp")
     assert from_w2["val"] == pytest.approx(single.val_loss, rel=1e-5)
 
@@ -201,6 +195,6 @@ def test_fsdp_in_one_process_is_a_no_op(tmp_path: Path, text_corpus_dir: Path) -
 def test_fsdp_training_on_cuda_with_nccl_matches_one_process(tmp_path: Path, text_corpus_dir: Path) -> None:
     base = [*_base(text_corpus_dir, 10), "train.device=cuda"]
     single = train(load_config([*base, "train.batch_size=4"]), tmp_path / "single")
-    result = _spawn_train(2, [*base, "parallel.ep=2", "parallel.fsdp=true"], tmp_path / "fsdp")
+    result = spawn_train(2, [*base, "parallel.ep=2", "parallel.fsdp=true"], tmp_path / "fsdp")
     for step, (a, b) in enumerate(zip(single.losses, result["losses"]), 1):
         assert abs(a - b) <= 1e-4 * abs(a), f"step {step}: one process {a} vs fsdp on cuda {b}"

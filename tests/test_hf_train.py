@@ -4,7 +4,6 @@ load in `transformers` with the logits of the checkpoint epmoe trained."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from epmoe.hf import from_pretrained
 from epmoe.hf.__main__ import main as hf_main
 from tests.conftest import REPO
 from tests.hf_tiny import save
+from tests.ranks import spawn_jobs
 
 transformers = pytest.importorskip("transformers")
 STEPS = 5
@@ -25,21 +25,6 @@ STEPS = 5
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 RUN = ["train=smoke", f"train.steps={STEPS}", "train.batch_size=2", "train.precision=fp32", "train.eval_batches=1",
        "train.sample_bytes=0", "data.seq_len=32", "logger.progress=false", "logger.plots=false"]  # fmt: skip
-
-
-def _train_worker(rank: int, port: int, jobs: list[tuple[list[str], str]], out: str) -> None:
-    """One rank of world 2 running every job in turn (one process group for all of them)."""
-    from epmoe.comm.process import end_process
-    from epmoe.train.cli import load_config
-    from epmoe.train.trainer import train
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")  # fmt: skip
-    torch.set_num_threads(1)
-    losses = [train(load_config(overrides), Path(run_dir)).losses for overrides, run_dir in jobs]
-    if rank == 0:
-        Path(out).write_text(json.dumps(losses))
-    end_process(0)
 
 
 def _trained_model(run_dir: Path):
@@ -57,13 +42,15 @@ def _trained_model(run_dir: Path):
     return model.eval()
 
 
-def test_every_family_trains_at_ep2_like_one_process_and_exports(tmp_path: Path, text_corpus: Path) -> None:
-    """5 steps of each family imported into world 2 at EP=2 (MoE families) and EP=1 equal one
-    process's on the same global batch; each exported folder loads in transformers with the
-    logits of the checkpoint epmoe trained."""
-    import torch.multiprocessing as mp
+def _run_name(family: str, ep: int, fsdp: bool) -> str:
+    return f"{family}_ep{ep}" + ("_fsdp" if fsdp else "")
 
-    from epmoe.launch.commands import free_port
+
+def test_every_family_trains_at_ep2_like_one_process_and_exports(tmp_path: Path, text_corpus: Path) -> None:
+    """5 steps of each family imported into world 2 at EP=2 (MoE families) and EP=1, and with FSDP2
+    (init_from read straight into the shards; a MoE and a dense family), equal one process's on the
+    same global batch; each exported folder loads in transformers with the logits of the checkpoint
+    epmoe trained."""
     from epmoe.train.cli import load_config
     from epmoe.train.trainer import train
     from tests.hf_tiny import FAMILIES
@@ -72,25 +59,25 @@ def test_every_family_trains_at_ep2_like_one_process_and_exports(tmp_path: Path,
     folders = {f: save(f, tmp_path / f, vocab_size=256) for f in FAMILIES}  # 256: trains on bytes
     single = {f: train(load_config([*RUN, *data, f"train.init_from={folders[f]}", "train.batch_size=4"]),
                        tmp_path / f"{f}_single").losses for f in FAMILIES}  # fmt: skip
-    jobs = [(f, ep) for f in FAMILIES for ep in ((2, 1) if f in MOE else (1,))]
-    work = [([*RUN, *data, f"train.init_from={folders[f]}", f"parallel.ep={ep}"], str(tmp_path / f"{f}_ep{ep}"))
-            for f, ep in jobs]  # fmt: skip
-    out = tmp_path / "losses.json"
-    mp.spawn(_train_worker, args=(free_port(), work, str(out)), nprocs=2)
+    jobs = [(f, ep, False) for f in FAMILIES for ep in ((2, 1) if f in MOE else (1,))]
+    jobs += [("qwen3_moe", 2, True), ("llama", 1, True)]
+    work = [([*RUN, *data, f"train.init_from={folders[f]}", f"parallel.ep={ep}", f"parallel.fsdp={fsdp}"],
+             tmp_path / _run_name(f, ep, fsdp)) for f, ep, fsdp in jobs]  # fmt: skip
     tokens_BS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    for (family, ep), losses in zip(jobs, json.loads(out.read_text())):
+    for (family, ep, fsdp), result in zip(jobs, spawn_jobs(2, work)):
+        losses, name = result["losses"], _run_name(family, ep, fsdp)
         assert len(losses) == STEPS
         worst = max(abs(a - b) / abs(b) for a, b in zip(losses, single[family]))
-        assert worst <= 1e-5, f"{family} at EP={ep}: relative loss difference {worst:.2e}"
-        exported = tmp_path / f"{family}_ep{ep}_hf"
-        assert hf_main(["export", str(tmp_path / f"{family}_ep{ep}"), str(exported)]) == 0
+        assert worst <= 1e-5, f"{name}: relative loss difference {worst:.2e}"
+        exported = tmp_path / f"{name}_hf"
+        assert hf_main(["export", str(tmp_path / name), str(exported)]) == 0
         ref = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
         with torch.no_grad():
             theirs_BSV = ref(tokens_BS).logits
-            ours_BSV = _trained_model(tmp_path / f"{family}_ep{ep}")(tokens_BS).logits_BSV
+            ours_BSV = _trained_model(tmp_path / name)(tokens_BS).logits_BSV
             untrained_BSV = from_pretrained(folders[family])[1].eval()(tokens_BS).logits_BSV
-        assert (theirs_BSV - ours_BSV).abs().max().item() <= 1e-5, family
-        assert (untrained_BSV - ours_BSV).abs().max().item() > 1e-3, family  # it did train
+        assert (theirs_BSV - ours_BSV).abs().max().item() <= 1e-5, name
+        assert (untrained_BSV - ours_BSV).abs().max().item() > 1e-3, name  # it did train
 
 
 def test_import_cli_writes_a_step_0_checkpoint_and_refuses_bad_input_in_one_line(tmp_path: Path, capsys) -> None:

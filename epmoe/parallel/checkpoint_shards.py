@@ -20,6 +20,7 @@ sha256 against the manifest before DCP reads it.
 from __future__ import annotations
 
 import errno
+import warnings
 from pathlib import Path
 
 import torch
@@ -79,7 +80,9 @@ def read_dense(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the DCP checkpoint `folder` whole, by flat key; no process group (each
     caller reads every shard)."""
     state = _template(folder, {})
-    dcp.load(state, storage_reader=FileSystemReader(str(folder)), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it reads in one process: that is what is asked here
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, storage_reader=FileSystemReader(str(folder)), no_dist=True)
     return state
 
 
