@@ -60,6 +60,7 @@ setup(
             "epmoe-launch=epmoe.launch.__main__:main",
             "epmoe-checkpoint=epmoe.train.checkpoint_cli:main",
             "epmoe-hf=epmoe.hf.__main__:main",
+            "epmoe-data=epmoe.data.__main__:main",
             "epmoe-generate=epmoe.generate:main",
             "epmoe-eval=epmoe.eval:main",
             "epmoe-plot=epmoe.plot:main",

@@ -81,6 +81,7 @@ class DataKind(Choice):
     text = "text"
     jsonl = "jsonl"
     bin = "bin"
+    tokens = "tokens"  # token shards written by `python -m epmoe.data prepare`
 
 
 class Precision(Choice):
@@ -102,6 +103,12 @@ class OnNonfinite(Choice):
 class EngineName(Choice):
     native = "native"
     deepspeed = "deepspeed"
+
+
+class ActivationCheckpointing(Choice):
+    none = "none"  # every activation kept for backward
+    full = "full"  # every block's forward recomputed in backward
+    selective = "selective"  # recomputed too, but the matmul and attention outputs are kept
 
 
 class WandbMode(Choice):

@@ -26,6 +26,7 @@ from hydra.core.config_store import ConfigStore
 
 from epmoe.choices import (  # noqa: F401  (re-exported: the config's field types)
     Activation,
+    ActivationCheckpointing,
     AttentionKind,
     AuxLoss,
     Choice,
@@ -131,10 +132,11 @@ class RouterConfig:
 @dataclass
 class DataConfig:
     kind: DataKind = DataKind.stdlib
-    path: str | None = None  # file or folder for text, a file for jsonl and bin
+    path: str | None = None  # file or folder for text, a file for jsonl and bin, prepare's folder for tokens
     # text, jsonl and stdlib are tokenized by this tokenizer (a tokenizer.json, or a folder holding
     # one, such as a Hugging Face model's); None = bytes (vocab 256). With train.init_from it
-    # defaults to the imported folder's own tokenizer.json
+    # defaults to the imported folder's own tokenizer.json. For tokens it is optional and must be the
+    # one the shards were prepared with (checked by sha256): it decodes train.sample_bytes' samples
     tokenizer: str | None = None
     seq_len: int = 256
     val_fraction: float = 0.05
@@ -190,6 +192,9 @@ class TrainConfig:
     # ZeRO stage zero_stage, MoE parameter groups); checkpoints are the same for both
     engine: EngineName = EngineName.native
     zero_stage: int = 0  # 0 | 1 | 2, with engine=deepspeed
+    # recompute each transformer block's forward in backward instead of keeping its activations:
+    # full, or selective (matmul and attention outputs kept); epmoe/parallel/activation_checkpointing.py
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 

@@ -57,8 +57,8 @@ def load_source(path: Path, device: torch.device) -> tuple[Config, Transformer, 
 
 def tokenizer_of(cfg: Config, source: Path, override: str | None) -> Tokenizer:
     """--tokenizer, else the data's (data.tokenizer; bytes when None); checked against the vocab."""
-    if override is None and cfg.data.kind == "bin" and cfg.data.tokenizer is None:
-        raise DataError(f"{source} was trained on token ids (data.kind=bin) without a tokenizer; "
+    if override is None and cfg.data.kind in ("bin", "tokens") and cfg.data.tokenizer is None:
+        raise DataError(f"{source} was trained on token ids (data.kind={cfg.data.kind}) without a tokenizer; "
                         "pass --tokenizer <tokenizer.json or a folder holding one>")  # fmt: skip
     tokenizer = load_tokenizer(override or cfg.data.tokenizer)
     try:

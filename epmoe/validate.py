@@ -160,7 +160,7 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     if d.kind == "bin" and d.tokenizer is not None:
         raise ConfigError(f"data.tokenizer ({d.tokenizer}) tokenizes text; data.kind=bin holds token ids already, "
                           "so drop data.tokenizer")  # fmt: skip
-    if d.kind != "bin" and d.tokenizer is None and m.vocab_size < 256:
+    if d.kind not in ("bin", "tokens") and d.tokenizer is None and m.vocab_size < 256:
         raise ConfigError(
             f"model.vocab_size ({m.vocab_size}) must be >= 256 for byte-level data.kind={d.kind}; "
             "token ids come with data.tokenizer or data.kind=bin"

@@ -34,6 +34,11 @@ class ByteTokenizer:
     """Byte-level: a token is a byte (vocab 256), documents joined by NUL."""
 
     vocab_size = 256
+    eos_id = 0  # NUL
+
+    def encode_each(self, docs: list[bytes]) -> list[np.ndarray]:
+        """Each document's ids on its own (no boundary): its bytes."""
+        return [np.frombuffer(d, dtype=np.uint8) for d in docs]
 
     def encode_docs(self, docs: list[bytes]) -> Encoded:
         joined = b"\0".join(docs)
@@ -85,19 +90,26 @@ class HFTokenizer:
                         f"tokenizer_config.json beside it, no eos_token_id in a config.json, none of "
                         f"{', '.join(KNOWN_EOS)}); add a tokenizer_config.json with eos_token")  # fmt: skip
 
-    def encode_docs(self, docs: list[bytes]) -> Encoded:
-        """Each document's ids (no special tokens added: a post-processor's BOS would repeat in every
-        window), EOS between documents."""
-        eos = np.array([self.eos_id], dtype=np.int32)
-        parts: list[np.ndarray] = []
+    def encode_each(self, docs: list[bytes]) -> list[np.ndarray]:
+        """Each document's int32 ids on its own (no special tokens added: a post-processor's BOS would
+        repeat in every window)."""
+        out: list[np.ndarray] = []
         for i in range(0, len(docs), ENCODE_BATCH):
             # NOTE: a few of the standard library's files are not UTF-8 (its encoding tests): their
             # undecodable bytes become U+FFFD, as `errors="replace"` reads them
             texts = [d.decode("utf-8", errors="replace") for d in docs[i : i + ENCODE_BATCH]]
-            for enc in self.tok.encode_batch(texts, add_special_tokens=False):
-                if parts:
-                    parts.append(eos)
-                parts.append(np.asarray(enc.ids, dtype=np.int32))
+            encodings = self.tok.encode_batch(texts, add_special_tokens=False)
+            out += [np.asarray(enc.ids, dtype=np.int32) for enc in encodings]
+        return out
+
+    def encode_docs(self, docs: list[bytes]) -> Encoded:
+        """Each document's ids (encode_each), EOS between documents."""
+        eos = np.array([self.eos_id], dtype=np.int32)
+        parts: list[np.ndarray] = []
+        for ids in self.encode_each(docs):
+            if parts:
+                parts.append(eos)
+            parts.append(ids)
         tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
         return Encoded(torch.from_numpy(tokens), sum(len(d) for d in docs) + max(len(docs) - 1, 0))
 

@@ -6,7 +6,9 @@ Hugging Face tokenizer.json; an imported model's own by default). Sources:
   machine has), split into train/val by file;
 - `text`: a text file (split by position) or a folder of text files (split by file);
 - `jsonl`: one JSON object per line with a `text` field (split by document);
-- `bin`: a flat uint16 token memmap (split by position; vocab taken from the model).
+- `bin`: a flat uint16 token memmap (split by position; vocab taken from the model);
+- `tokens`: the token shards of `python -m epmoe.data prepare` (epmoe/data/shards.py), split by
+  document when they were prepared; memory-mapped and read a window at a time.
 
 Documents are joined by one boundary token (NUL; the tokenizer's EOS). The validation split's
 bytes per token turns its loss per token into bits per byte (epmoe.data.tokenizer).
@@ -22,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sysconfig
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,22 +31,23 @@ import numpy as np
 import torch
 
 from epmoe.config import DataConfig
+from epmoe.data import shards
+from epmoe.data.documents import is_val as _is_val
 from epmoe.data.errors import DataError
 from epmoe.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
+
+# 1-D tokens that `len()` and `[a:b]` read: a tensor (uint8 bytes, int32 tokenizer ids, uint16 ids),
+# or token shards' memory maps (data.kind=tokens); sample_batch widens only the windows it takes
+Tokens = torch.Tensor | shards.TokenStream
 
 
 @dataclass
 class TokenSplits:
-    train: torch.Tensor  # 1-D tokens (uint8 bytes, int32 tokenizer ids, uint16 ids), widened per batch
-    val: torch.Tensor
+    train: Tokens
+    val: Tokens
     description: str
-    tokenizer: Tokenizer | None  # None for token files (data.kind=bin): ids without text
+    tokenizer: Tokenizer | None  # None for token ids without a known tokenizer (bin; tokens without data.tokenizer)
     val_bytes_per_token: float | None  # of the val split; None where the bytes are unknown (bin)
-
-
-def _is_val(name: str, val_fraction: float) -> bool:
-    """Deterministic, order-independent train/val assignment of a file or document."""
-    return zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000
 
 
 def _split_docs(
@@ -142,7 +144,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, bytes]]:
 
 def check_source(cfg: DataConfig) -> Path | None:
     """Check what can be checked without reading the corpus (the launcher calls this before any
-    rank starts): the path exists and has the kind's shape. Returns the path (None for stdlib)."""
+    rank starts): the path exists and has the kind's shape (token shards: match their metadata).
+    Returns the path (None for stdlib)."""
     if cfg.kind == "stdlib":
         return None
     path = Path(cfg.path).expanduser()
@@ -150,6 +153,12 @@ def check_source(cfg: DataConfig) -> Path | None:
         raise DataError(f"data.path {path} does not exist")
     if not (path.is_file() or path.is_dir()):
         raise DataError(f"data.path {path} is neither a file nor a folder")
+    if cfg.kind == "tokens":
+        if not path.is_dir():
+            raise DataError(f"data.kind=tokens needs the folder `python -m epmoe.data prepare --out` wrote; "
+                            f"{path} is a file")  # fmt: skip
+        shards.read_metadata(path)  # sizes, headers and offsets against the metadata: no token is read
+        return path
     if cfg.kind in ("jsonl", "bin") and not path.is_file():
         what = "uint16 tokens" if cfg.kind == "bin" else "JSON lines"
         raise DataError(f"data.kind={cfg.kind} needs a file of {what}; {path} is a folder")
@@ -189,7 +198,7 @@ def fingerprint(cfg: DataConfig) -> dict:
         root, files = stdlib_root(), _stdlib_files(stdlib_root())
     else:
         root = Path(cfg.path).expanduser().resolve()
-        files = _text_files(root) if cfg.kind == "text" else [root]
+        files = _text_files(root) if cfg.kind in ("text", "tokens") else [root]
     out = {}
     for p in files:
         stat = p.stat()
@@ -202,7 +211,7 @@ def fingerprint(cfg: DataConfig) -> dict:
     return source
 
 
-def _check_windows(train: torch.Tensor, val: torch.Tensor, seq_len: int, what: str) -> None:
+def _check_windows(train: Tokens, val: Tokens, seq_len: int, what: str) -> None:
     """Each split must hold one (seq_len + 1)-token window, or no batch can be drawn from it."""
     for name, tokens, fix in (("train", train, "lower"), ("val", val, "raise")):
         if len(tokens) < seq_len + 1:
@@ -220,6 +229,8 @@ def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
     not fit the model's vocabulary.
     """
     path = check_source(cfg)
+    if cfg.kind == "tokens":
+        return _load_shards(cfg, path, vocab_size)
     if path is None:
         docs = _read_stdlib()
         what = f"the Python standard library at {stdlib_root()}"
@@ -246,8 +257,47 @@ def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
                        tokenizer, val_bytes_per_token)  # fmt: skip
 
 
+def check_vocab(cfg: DataConfig, vocab_size: int) -> None:
+    """The model's vocabulary holds every id the configured data can hold: data.tokenizer's, or the
+    token shards' (their metadata's; data.tokenizer, if set, must be theirs). Raises DataError."""
+    if cfg.kind != "tokens":
+        load_tokenizer(cfg.tokenizer).check_vocab(vocab_size)
+        return
+    path = check_source(cfg)
+    meta = shards.read_metadata(path)
+    meta.check_vocab(vocab_size, path)
+    _shard_tokenizer(cfg, meta, path)
+
+
+def _shard_tokenizer(cfg: DataConfig, meta: shards.Metadata, folder: Path) -> Tokenizer | None:
+    """What decodes the shards' ids: data.tokenizer, which must be the one they were prepared with;
+    bytes for byte-level shards; else None (the tokenizer file prepare read is not assumed to stay)."""
+    if cfg.tokenizer is None:
+        return load_tokenizer(None) if meta.tokenizer.sha256 == shards.BYTES_SHA256 else None
+    sha = tokenizer_identity(cfg.tokenizer)["sha256"]
+    if sha != meta.tokenizer.sha256:
+        raise DataError(f"data.tokenizer {cfg.tokenizer} (sha256 {sha[:12]}) is not the tokenizer {folder} was "
+                        f"prepared with ({meta.tokenizer.path}, sha256 {meta.tokenizer.sha256[:12]}); "
+                        "name that one or drop data.tokenizer")  # fmt: skip
+    return load_tokenizer(cfg.tokenizer)
+
+
+def _load_shards(cfg: DataConfig, folder: Path, vocab_size: int) -> TokenSplits:
+    """data.kind=tokens: the shards memory-mapped (nothing widened), bytes per token from the metadata."""
+    meta = shards.read_metadata(folder)
+    meta.check_vocab(vocab_size, folder)
+    tokenizer = _shard_tokenizer(cfg, meta, folder)
+    shards.verify_sha256(folder, meta)  # the shards small enough to hash at every start
+    train, val = (shards.open_split(folder, meta, split) for split in ("train", "val"))
+    _check_windows(train, val, cfg.seq_len, str(folder))
+    t, v = meta.splits["train"], meta.splits["val"]
+    what = f"{folder} ({t.documents + v.documents:,} documents, {t.tokens + v.tokens:,} {meta.dtype} tokens of " \
+           f"{meta.tokenizer.path})"  # fmt: skip
+    return TokenSplits(train, val, what, tokenizer, v.bytes_per_token)
+
+
 def sample_batch(
-    tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, stream: int, step: int
+    tokens: Tokens, batch_size: int, seq_len: int, seed: int, stream: int, step: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """inputs_BS, targets_BS: random windows drawn from a generator seeded by (seed, stream, step).
 

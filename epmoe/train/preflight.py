@@ -3,7 +3,8 @@
 The launcher calls `check` once, before it starts a rank; every rank calls it again (runs
 started by `torchrun -m epmoe.train` directly skip the launcher). Each failure is one line
 naming the value and the fix, raised as ConfigError, DataError or CheckpointError:
-1. the data path is readable and not empty, and data.tokenizer loads and fits model.vocab_size;
+1. the data path is readable and not empty (token shards match their metadata), and data.tokenizer
+   (the shards' tokenizer) loads and fits model.vocab_size;
 2. the run directory is writable (its nearest existing folder), no other run holds it, and it
    holds no earlier run's checkpoints unless this run resumes them;
 3. the resume target exists, its manifest is valid, and train.steps goes beyond its step; or
@@ -26,11 +27,10 @@ from pathlib import Path
 import torch
 
 from epmoe.config import Config, ConfigError, DataConfig
-from epmoe.data.tokenizer import load_tokenizer
 from epmoe.hf.convert import plan as hf_plan
 from epmoe.model.size import ParameterCounts, parameter_counts
 from epmoe.train import checkpoint_files, run_lock
-from epmoe.train.data import DataError, check_source
+from epmoe.train.data import DataError, check_source, check_vocab
 
 GiB = 1 << 30
 # bytes of training state per parameter: fp32 weight, fp32 gradient, AdamW's two fp32 moments
@@ -71,7 +71,7 @@ def check_resume(cfg: Config, target: Path) -> int:
 
 
 def _check_data(d: DataConfig, vocab_size: int) -> None:
-    load_tokenizer(d.tokenizer).check_vocab(vocab_size)  # a tokenizer that loads and fits the model
+    check_vocab(d, vocab_size)  # a tokenizer (token shards' metadata) that loads and fits the model
     path = check_source(d)
     if path is None:
         return
