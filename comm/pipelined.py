@@ -79,6 +79,18 @@ def _transposed(counts_AB: list[list[int]]) -> list[list[int]]:
     return [list(col) for col in zip(*counts_AB)]
 
 
+def _kept_saved_tensors() -> torch.autograd.graph.saved_tensors_hooks:
+    """Hooks under which an expert or side graph of the pipeline saves its tensors itself.
+
+    NOTE: backward differentiates those graphs with nested torch.autograd.grad calls, each its own
+    graph task; under activation checkpointing (epmoe/parallel/activation_checkpointing.py) a
+    tensor saved through the checkpoint's hooks would make every such call recompute the whole
+    block again (torch recomputes once per graph task), exchanges included. Innermost hooks win:
+    these graphs keep their activations, the rest of the block is recomputed once.
+    """
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
 @dataclass
 class _Plan:
     """Who sends which rows in which chunk, from the exchanged counts (host ints, same on every rank).
@@ -205,7 +217,7 @@ class _Pipeline:
         """Expert outputs of rows grouped by (source rank, local expert); keeps the graph for backward."""
         if x_MD.shape[0] == 0:  # nothing to compute: no graph, no gradient
             return x_MD.new_empty(0, x_MD.shape[1])
-        with torch.set_grad_enabled(needs_grad):
+        with torch.set_grad_enabled(needs_grad), _kept_saved_tensors():
             leaf_MD = x_MD.detach().requires_grad_(needs_grad)
             y_sorted_MD = self.experts(_transpose_segments(leaf_MD, recv_RL), self.counts_CL[index])
             y_MD = _transpose_segments(y_sorted_MD, _transposed(recv_RL))
@@ -216,7 +228,7 @@ class _Pipeline:
     def _side_forward(self, side_in_TD: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         if self.side is None:
             return side_in_TD.new_empty(0)
-        with torch.set_grad_enabled(needs_grad):
+        with torch.set_grad_enabled(needs_grad), _kept_saved_tensors():
             leaf_TD = side_in_TD.detach().requires_grad_(needs_grad)
             out_TD = self.side(leaf_TD)
         if needs_grad:

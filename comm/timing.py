@@ -71,10 +71,15 @@ class TimedCommunicator:
         self.inner, self.size, self.rank = inner, inner.size, inner.rank
         self.stamp_completion = stamp_completion
         self.log: list[Exchange] = []
+        # False while a forward is recomputed in backward (activation checkpointing): its
+        # exchanges repeat the step's forward ones and are not logged again
+        self.recording = True
 
     def all_to_all_v(
         self, x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], out_MD: torch.Tensor | None = None
     ) -> Handle:
+        if not self.recording:
+            return self.inner.all_to_all_v(x_ND, output_splits, input_splits, out_MD)
         row_bytes = x_ND[:1].numel() * x_ND.element_size()
         sent = sum(n for r, n in enumerate(input_splits) if r != self.rank) * row_bytes
         record = Exchange(time.perf_counter(), sent)

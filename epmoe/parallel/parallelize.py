@@ -7,7 +7,9 @@ rank's part of a parallel run.
 4. under expert parallelism: the EP communicator (torch or MPI), the dispatcher (plain all-to-all,
    or pipelined in chunks, `auto` tuned in the first steps), the wire dtype, the start placement
    with its replicas, per-layer exchange timers, and the rebalancer for online re-placement;
-5. parallel.fsdp=true: FSDP2 shards the non-expert weights over all ranks and the experts over
+5. train.activation_checkpointing: every block recomputes its forward in backward
+   (activation_checkpointing.py), at every world size, before FSDP wraps the blocks;
+6. parallel.fsdp=true: FSDP2 shards the non-expert weights over all ranks and the experts over
    their expert-DP group (fsdp.py), after expert parallelism cut the experts to this rank's.
 The training loop only calls it and the `Parallel` it returns; it never parses comm or placement
 options itself.
@@ -27,6 +29,7 @@ from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import RankInfo, all_reduce_sum_, init_from_env
 from epmoe.config import CommConfig, Config, ConfigError
 from epmoe.model.moe import moe_layers, named_moe_layers
+from epmoe.parallel.activation_checkpointing import apply_activation_checkpointing
 from epmoe.parallel.checkpoint_shards import NO_SHARDS, Shards
 from epmoe.parallel.chunk_tuner import ChunkTuner
 from epmoe.parallel.data_parallel import apply_data_parallel
@@ -128,6 +131,7 @@ def parallelize(model: nn.Module, cfg: Config, device: torch.device) -> Parallel
     from outside; see the module docstring. Collective when world > 1."""
     info = init_from_env(device, cfg.train.collective_timeout_s)
     if info.world == 1 and cfg.parallel.ep == 1:
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
         return Parallel.single(cfg.model.num_experts, info)
     dims = ParallelDims(world=info.world, dp=cfg.parallel.dp or info.world, ep=cfg.parallel.ep,
                         num_experts=cfg.model.num_experts)  # fmt: skip
@@ -151,7 +155,9 @@ def parallelize(model: nn.Module, cfg: Config, device: torch.device) -> Parallel
 
 
 def _with_fsdp(par: Parallel, model: nn.Module, cfg: Config, device: torch.device) -> Parallel:
-    """parallel.fsdp=true: shard `model` with FSDP2 (fsdp.py) as the last step of parallelize."""
+    """Activation checkpointing, then parallel.fsdp=true: shard `model` with FSDP2 (fsdp.py), as the
+    last steps of parallelize."""
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing, par.timers)  # before FSDP
     if cfg.parallel.fsdp:
         par.sharding = apply_fsdp(model, par.dims, device, pipelined=dispatcher_chunks(cfg.comm) is not None)
         par.shards = Shards()

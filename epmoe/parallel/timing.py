@@ -4,11 +4,15 @@ For every MoE layer: its dispatcher's communicator is wrapped in a `TimedCommuni
 (exchange in flight, exposed exchange, bytes), and its routed experts get forward and
 backward hooks that record when they compute (expert compute time, the union of those
 intervals). `take()` returns one step's numbers per layer and starts the next step.
+While a forward is recomputed in backward (activation checkpointing) the timers are `paused()`:
+a step reports one forward's exchanges and expert calls per layer, with or without recomputation.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -34,11 +38,21 @@ class LayerTimer:
         experts.register_full_backward_hook(lambda *_: self._stop())
 
     def _start(self) -> None:
-        self._started.append(time.perf_counter())
+        if self.comm.recording:
+            self._started.append(time.perf_counter())
 
     def _stop(self) -> None:
-        if self._started:
+        if self._started and self.comm.recording:
             self.intervals.append((self._started.pop(), time.perf_counter()))
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record no exchange and no expert call meanwhile (a recomputed forward)."""
+        self.comm.recording = False
+        try:
+            yield
+        finally:
+            self.comm.recording = True
 
     def take(self) -> dict[str, float]:
         intervals, self.intervals = self.intervals, []
