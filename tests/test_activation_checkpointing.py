@@ -7,12 +7,10 @@ matmul outputs); a recomputed forward adds nothing to the exchange timers.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -28,7 +26,8 @@ from epmoe.parallel.timing import attach_timers
 from epmoe.train.cli import load_config
 from epmoe.train.trainer import train
 
-from .conftest import TINY, free_port
+from .conftest import TINY
+from .ranks import spawn_jobs
 
 MODES = [ActivationCheckpointing.full, ActivationCheckpointing.selective]
 # aux loss, bias updates and capacity drops: every routing side effect a recomputed forward could repeat
@@ -36,10 +35,11 @@ ROUTING = ["router.aux_loss_coef=0.01", "router.bias_update_rate=0.01", "router.
 RUN = [*TINY, *ROUTING, "train.precision=fp32", "train.eval_every=0", "train.sample_bytes=0", "train.threads=1",
        "logger.console=false"]  # fmt: skip
 STEPS = 6
+RANK_STEPS = 4  # the multi-rank runs: 5 configurations in one group
 
 
-def _assert_same_losses(reference: list[float], other: list[float], what: str) -> None:
-    assert len(reference) == len(other) == STEPS
+def _assert_same_losses(reference: list[float], other: list[float], what: str, steps: int = STEPS) -> None:
+    assert len(reference) == len(other) == steps
     for step, (a, b) in enumerate(zip(reference, other), 1):
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: without checkpointing {a} vs {what} {b}"
 
@@ -171,25 +171,9 @@ def test_a_recomputed_forward_adds_nothing_to_the_exchange_timers(dispatcher: st
     assert min(reference[0]) > 0 and all(counts == reference for counts in logged.values()), (reference, logged)
 
 
-def _env(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
-    torch.set_num_threads(1)
-
-
-def _train_runs_worker(rank: int, world: int, port: int, runs: dict[str, list[str]], run_dir: str, out: str) -> None:
-    """Every run of `runs` in turn, in one process group (a process start costs seconds)."""
-    from epmoe.comm.process import end_process
-
-    _env(rank, world, port)
-    losses = {name: train(load_config(overrides), Path(run_dir) / name).losses for name, overrides in runs.items()}
-    if rank == 0:
-        Path(out).write_text(json.dumps(losses))
-    end_process(0)
-
-
 def test_ep2_fsdp_and_deepspeed_with_checkpointing_equal_one_process(tmp_path: Path, text_corpus_dir: Path) -> None:
-    base = [*RUN, "data=text", f"data.path={text_corpus_dir}", f"train.steps={STEPS}", "model.num_experts=8",
+    """All five runs in one spawned group (tests/ranks.py), RANK_STEPS steps each."""
+    base = [*RUN, "data=text", f"data.path={text_corpus_dir}", f"train.steps={RANK_STEPS}", "model.num_experts=8",
             "train.batch_size=2", "train.grad_clip=0.5"]  # fmt: skip
     single = train(load_config([*base, "train.batch_size=4"]), tmp_path / "single")
     runs = {f"{d}-{mode}": [*base, "parallel.ep=2", "parallel.fsdp=true", f"comm.dispatcher={d}",
@@ -198,9 +182,6 @@ def test_ep2_fsdp_and_deepspeed_with_checkpointing_equal_one_process(tmp_path: P
     # DeepSpeed's engine (ZeRO 2 partitions the gradients its backward hooks reduce) over the same blocks
     runs["deepspeed-zero2-selective"] = [*base, "parallel.ep=2", "train.engine=deepspeed", "train.zero_stage=2",
                                          "train.activation_checkpointing=selective"]  # fmt: skip
-    out = tmp_path / "losses.json"
-    mp.spawn(_train_runs_worker, args=(2, free_port(), runs, str(tmp_path), str(out)), nprocs=2)
-    losses = json.loads(out.read_text())
-    assert losses.keys() == runs.keys()
-    for name, run_losses in losses.items():
-        _assert_same_losses(single.losses, run_losses, f"world 2 / ep 2 / fsdp {name}")
+    results = spawn_jobs(2, [(overrides, tmp_path / name) for name, overrides in runs.items()])
+    for name, result in zip(runs, results):
+        _assert_same_losses(single.losses, result["losses"], f"world 2 / ep 2 / fsdp {name}", RANK_STEPS)

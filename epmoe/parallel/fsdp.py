@@ -15,6 +15,10 @@ that expert parallelism has already cut down to this rank's experts.
    reduce-scattered as soon as its backward is done, while backward goes on below: the bucketed
    GradientReducer does not run for them.
 NOTE: reductions are forced to SUM then divide (gloo has no AVG / PREMUL_SUM reduce-scatter).
+train.precision=bf16: FSDP2's MixedPrecisionPolicy gathers the parameters in bf16 for forward and
+backward (the activations follow: bf16 end to end, under autocast as without FSDP), reduces the
+gradients in fp32 and the optimizer steps the fp32 shards; each router's gate is its own FSDP
+group gathered in fp32, so routing stays fp32 as router.py computes it.
 
 The pipelined dispatcher differentiates the experts inside its own autograd Function, calling
 them once per chunk; FSDP2's hooks cannot follow that, so sharded experts (expert-DP > 1) need
@@ -26,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.config import ConfigError
@@ -34,11 +38,17 @@ from epmoe.model.moe import moe_layers
 from epmoe.parallel.gradients import Sharding
 
 
-def _shard(module: nn.Module, mesh: DeviceMesh, ignored: set[nn.Parameter], divide_by: int | None = None) -> None:
+def _shard(
+    module: nn.Module,
+    mesh: DeviceMesh,
+    ignored: set[nn.Parameter],
+    policy: MixedPrecisionPolicy,
+    divide_by: int | None = None,
+) -> None:
     # NOTE: the root too frees its gathered weights after forward (FSDP2 keeps the root's by
     # default): between steps every parameter is then its shard, as the optimizer and checkpoints
     # (which name parameters) see them
-    fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=ignored or None)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=ignored or None, mp_policy=policy)
     module.set_force_sum_reduction_for_comms(True)
     # NOTE: a rank whose tokens skipped a weight still owes the reduce-scatter its (zero) share
     module.set_reduce_scatter_unused_params(True, recurse=False)
@@ -46,9 +56,19 @@ def _shard(module: nn.Module, mesh: DeviceMesh, ignored: set[nn.Parameter], divi
         module.set_gradient_divide_factor(float(divide_by))
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, pipelined: bool) -> Sharding:
+def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """FSDP2's policy: parameters gathered in `param_dtype` for forward and backward (None: as
+    stored, fp32), gradients reduced in fp32 into the fp32 shards the optimizer steps."""
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(
+    model: nn.Module, dims: ParallelDims, device: torch.device, pipelined: bool, param_dtype: torch.dtype | None = None
+) -> Sharding:
     """Shard `model` (its Blocks in `model.blocks`, after expert parallelism) as the module docstring
-    says; returns which gradients FSDP now reduces. Collective: every rank calls it."""
+    says; returns which gradients FSDP now reduces. Collective: every rank calls it.
+    param_dtype: bf16 for train.precision=bf16 (fp32 master weights and reductions); the routers'
+    gates stay fp32 (routing math in fp32, as without FSDP: router.py)."""
     if dims.world == 1:
         return Sharding()
     expert_dp = dims.world // dims.ep
@@ -61,11 +81,15 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, pipel
     world_mesh = init_device_mesh(device.type, (dims.world,), mesh_dim_names=("dp",))
     experts = [p for moe in moe_layers(model) for p in moe.experts.stacked_weights().values()]
     ignored: set[nn.Parameter] = set(experts) if dims.ep > 1 and not shard_experts else set()
+    policy, fp32 = mixed_precision(param_dtype), mixed_precision(None)
     if shard_experts:
         edp_ep = init_device_mesh(device.type, (expert_dp, dims.ep), mesh_dim_names=("edp", "ep"))
         for moe in moe_layers(model):
-            _shard(moe.experts, edp_ep["edp"], set(), divide_by=dims.world)
+            _shard(moe.experts, edp_ep["edp"], set(), policy, divide_by=dims.world)
+    if param_dtype is not None:  # each gate its own FSDP group, gathered in fp32
+        for moe in moe_layers(model):
+            _shard(moe.router, world_mesh, set(), fp32)
     for block in model.blocks:
-        _shard(block, world_mesh, {p for p in ignored if any(p is q for q in block.parameters())})
-    _shard(model, world_mesh, ignored)
+        _shard(block, world_mesh, {p for p in ignored if any(p is q for q in block.parameters())}, policy)
+    _shard(model, world_mesh, ignored, policy)
     return Sharding(replicated=True, experts=dims.ep == 1 or shard_experts)

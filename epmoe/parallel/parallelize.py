@@ -159,6 +159,7 @@ def _with_fsdp(par: Parallel, model: nn.Module, cfg: Config, device: torch.devic
     last steps of parallelize."""
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, par.timers)  # before FSDP
     if cfg.parallel.fsdp:
-        par.sharding = apply_fsdp(model, par.dims, device, pipelined=dispatcher_chunks(cfg.comm) is not None)
+        param_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        par.sharding = apply_fsdp(model, par.dims, device, dispatcher_chunks(cfg.comm) is not None, param_dtype)
         par.shards = Shards()
     return par
