@@ -30,11 +30,12 @@ test: install  ## ruff check, then the test suite (CPU, a few minutes)
 	$(VENV)/bin/ruff check $(LINTED)
 	$(PY) -m pytest -q tests $(ARGS)
 
-bench: install  ## benchmarks: layer vs dense floor; EP=2 overlap on loopback and a shaped 1 Gbit/s link; vs DeepSpeed-MoE; the step outside the MoE layers; a ~1B Hugging Face import at EP=2
+bench: install  ## benchmarks: layer vs dense floor; EP=2 overlap on loopback and a shaped 1 Gbit/s link; vs DeepSpeed-MoE; the step outside the MoE layers; a ~1B Hugging Face import at EP=2; per-rank memory replicated vs FSDP2 and with activation checkpointing
 	$(PY) -m benchmarks.layer --steps 3 --warmup 1 $(ARGS)
 	$(PY) -m benchmarks.overlap --link all --steps 3 --warmup 1 --bf16-chunks 4
 	$(PY) -m benchmarks.peers --steps 5 --warmup 1
 	$(PY) -m benchmarks.step_overhead --steps 20 --warmup 3
+	$(PY) -m benchmarks.memory --steps 3
 	$(PY) -m benchmarks.hf_import
 	$(PY) -m benchmarks.generate
 
