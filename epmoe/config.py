@@ -140,6 +140,9 @@ class DataConfig:
     tokenizer: str | None = None
     seq_len: int = 256
     val_fraction: float = 0.05
+    # attention stays within each document packed into a window (a block-diagonal causal mask) and
+    # positions restart per document (epmoe/model/documents.py); needs a boundary token (not bin)
+    document_mask: bool = False
 
 
 @dataclass

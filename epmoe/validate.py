@@ -160,6 +160,9 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     if d.kind == "bin" and d.tokenizer is not None:
         raise ConfigError(f"data.tokenizer ({d.tokenizer}) tokenizes text; data.kind=bin holds token ids already, "
                           "so drop data.tokenizer")  # fmt: skip
+    if d.kind == "bin" and d.document_mask:
+        raise ConfigError("data.document_mask=true needs documents ended by a boundary token, which data.kind=bin "
+                          "does not name; use token shards (data=tokens) or data.document_mask=false")  # fmt: skip
     if d.kind not in ("bin", "tokens") and d.tokenizer is None and m.vocab_size < 256:
         raise ConfigError(
             f"model.vocab_size ({m.vocab_size}) must be >= 256 for byte-level data.kind={d.kind}; "

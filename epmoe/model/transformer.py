@@ -3,6 +3,9 @@ attention.py, dense or MoE FFN), a final norm and the LM head; and generation fr
 key/value cache (kv_cache.py) or without one (the slow reference). Written for one device; no
 torch.distributed here.
 
+With `doc_ids_BS` (documents.py; data.document_mask) the forward keeps attention within each
+packed document and restarts its positions, so each document computes what it would alone.
+
 Shape key: B batch, S sequence length, D model width, R rotary frequencies, V vocab.
 """
 
@@ -16,6 +19,7 @@ from torch import nn
 
 from epmoe.config import ModelConfig, RouterConfig
 from epmoe.model.attention import make_attention, rope_tables, rotated_dims
+from epmoe.model.documents import document_mask, document_positions
 from epmoe.model.experts import MLP
 from epmoe.model.kv_cache import KVCache, LayerCache
 from epmoe.model.moe import MoE, moe_layers
@@ -43,8 +47,15 @@ class Block(nn.Module):
             else MLP(cfg.d_model, cfg.dense_hidden, cfg.activation, out_scale)
         )
 
-    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor, cache: LayerCache | None = None):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, cache)
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos_BSR: torch.Tensor,
+        sin_BSR: torch.Tensor,
+        cache: LayerCache | None = None,
+        mask_B1SS: torch.Tensor | None = None,
+    ):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_BSR, sin_BSR, cache, mask_B1SS)
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:  # the MoE layer also returns its routing
             y_BSD, routing = self.ffn(h_BSD)
@@ -72,18 +83,29 @@ class Transformer(nn.Module):
         else:
             nn.init.normal_(self.head.weight, std=0.02)
 
-    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> LMOutput:
+    def forward(
+        self, tokens_BS: torch.Tensor, cache: KVCache | None = None, doc_ids_BS: torch.Tensor | None = None
+    ) -> LMOutput:
         """Logits of every position of tokens_BS. cache: the keys and values of the positions
-        before these (generation); tokens_BS then sits at positions cache.length.. and is added."""
+        before these (generation); tokens_BS then sits at positions cache.length.. and is added.
+        doc_ids_BS: each position's packed document (documents.document_ids): attention stays
+        within a document and positions restart at each one's first token; None: one sequence."""
         x_BSD = self.embed(tokens_BS)
-        start = 0 if cache is None else cache.length
-        # built per call for these positions (S x R, small): a table for an imported model's whole
+        mask_B1SS = None
+        if doc_ids_BS is None:
+            start = 0 if cache is None else cache.length
+            positions_BS = torch.arange(start, start + tokens_BS.shape[1], device=x_BSD.device).unsqueeze(0)
+        else:
+            if cache is not None:  # generation continues one document: nothing to mask
+                raise ValueError("doc_ids_BS is for packed training windows; a forward with a KV cache takes none")
+            positions_BS, mask_B1SS = document_positions(doc_ids_BS), document_mask(doc_ids_BS)
+        # built per call for these positions (B x S x R, small): a table for an imported model's whole
         # context (max_position_embeddings, 128k and more) would not be
-        cos_SR, sin_SR = rope_tables(tokens_BS.shape[1], rotated_dims(self.cfg), self.cfg.rope_theta, x_BSD.device,
-                                     start)  # fmt: skip
+        cos_BSR, sin_BSR = rope_tables(positions_BS, rotated_dims(self.cfg), self.cfg.rope_theta)
         routings = []
         for i, block in enumerate(self.blocks):
-            x_BSD, routing = block(x_BSD, cos_SR, sin_SR, None if cache is None else cache.layers[i])
+            layer_cache = None if cache is None else cache.layers[i]
+            x_BSD, routing = block(x_BSD, cos_BSR, sin_BSR, layer_cache, mask_B1SS)
             if routing is not None:
                 routings.append(routing)
         logits_BSV = self.head(self.norm(x_BSD))

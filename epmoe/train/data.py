@@ -10,8 +10,10 @@ Hugging Face tokenizer.json; an imported model's own by default). Sources:
 - `tokens`: the token shards of `python -m epmoe.data prepare` (epmoe/data/shards.py), split by
   document when they were prepared; memory-mapped and read a window at a time.
 
-Documents are joined by one boundary token (NUL; the tokenizer's EOS). The validation split's
-bytes per token turns its loss per token into bits per byte (epmoe.data.tokenizer).
+Documents are joined by one boundary token (NUL; the tokenizer's EOS; token shards' EOS ends
+every document), which `TokenSplits.boundary_id` names for data.document_mask
+(epmoe/model/documents.py). The validation split's bytes per token turns its loss per token into
+bits per byte (epmoe.data.tokenizer).
 
 A batch depends only on (seed, split, step, micro-step), so a resumed run draws the same
 batches as an uninterrupted one without storing a data position.
@@ -48,6 +50,7 @@ class TokenSplits:
     description: str
     tokenizer: Tokenizer | None  # None for token ids without a known tokenizer (bin; tokens without data.tokenizer)
     val_bytes_per_token: float | None  # of the val split; None where the bytes are unknown (bin)
+    boundary_id: int | None = None  # the token that ends a document; None where unknown (bin)
 
 
 def _split_docs(
@@ -244,7 +247,7 @@ def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
                 )
             train, val = _split_position(tokens, cfg.val_fraction, what)
             _check_windows(train, val, cfg.seq_len, what)
-            return TokenSplits(train, val, f"{what} ({len(tokens):,} uint16 tokens)", None, None)
+            return TokenSplits(train, val, f"{what} ({len(tokens):,} uint16 tokens)", None, None, None)
         docs = _read_jsonl(path) if cfg.kind == "jsonl" else _read_text(path)
     tokenizer = load_tokenizer(cfg.tokenizer)
     tokenizer.check_vocab(vocab_size)
@@ -254,7 +257,7 @@ def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
     _check_windows(train, val, cfg.seq_len, what)
     unit = "bytes" if cfg.tokenizer is None else f"tokens of {cfg.tokenizer}"
     return TokenSplits(train, val, f"{what} ({len(docs):,} documents, {len(train) + len(val):,} {unit})",
-                       tokenizer, val_bytes_per_token)  # fmt: skip
+                       tokenizer, val_bytes_per_token, tokenizer.eos_id)  # fmt: skip
 
 
 def check_vocab(cfg: DataConfig, vocab_size: int) -> None:
@@ -293,7 +296,7 @@ def _load_shards(cfg: DataConfig, folder: Path, vocab_size: int) -> TokenSplits:
     t, v = meta.splits["train"], meta.splits["val"]
     what = f"{folder} ({t.documents + v.documents:,} documents, {t.tokens + v.tokens:,} {meta.dtype} tokens of " \
            f"{meta.tokenizer.path})"  # fmt: skip
-    return TokenSplits(train, val, what, tokenizer, v.bytes_per_token)
+    return TokenSplits(train, val, what, tokenizer, v.bytes_per_token, meta.tokenizer.eos_id)
 
 
 def sample_batch(

@@ -91,8 +91,8 @@ class DeepSpeedEngine:
     def zero(self) -> bool:
         return self.cfg.zero_stage > 0
 
-    def forward(self, x_BS: torch.Tensor) -> LMOutput:
-        return self.ds(x_BS)  # torch_autocast in the config: DeepSpeed autocasts the forward
+    def forward(self, x_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None) -> LMOutput:
+        return self.ds(x_BS, doc_ids_BS=doc_ids_BS)  # torch_autocast in the config: DeepSpeed autocasts the forward
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.ds.backward(loss, scale_wrt_gas=False)  # loss is already / grad_accum

@@ -62,7 +62,7 @@ class Engine(Protocol):
 
     @property
     def lr(self) -> float: ...
-    def forward(self, x_BS: torch.Tensor) -> LMOutput: ...
+    def forward(self, x_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None) -> LMOutput: ...
     def backward(self, loss: torch.Tensor, last: bool) -> None: ...
     def prepare(self) -> float | None: ...
     def update(self) -> tuple[bool, float]: ...
@@ -86,9 +86,9 @@ class NativeEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def forward(self, x_BS: torch.Tensor) -> LMOutput:
+    def forward(self, x_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None) -> LMOutput:
         with autocast(self.device, self.cfg.precision):
-            return self.model(x_BS)
+            return self.model(x_BS, doc_ids_BS=doc_ids_BS)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         if last and self.reducer is not None:

@@ -3,7 +3,8 @@
 Shape key: B sequences per rank, S sequence length, V vocabulary, Y MoE layers, E experts.
 
 One step (`train_step`):
-1. for each of `grad_accum` micro-batches: forward under autocast, loss = cross-entropy +
+1. for each of `grad_accum` micro-batches: forward under autocast (with data.document_mask, the
+   batch's document ids from the data's boundary token: epmoe/model/documents.py), loss = cross-entropy +
    the routers' aux and z losses, backward (scaled by 1/grad_accum); the step's sums (losses,
    drops, per-layer expert load) accumulate on the device, no host sync per micro-batch;
 2. one all-reduce of those sums (and of the stop flags, see stop.py) over all ranks;
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from epmoe.comm.process import all_reduce_sum_
-from epmoe.config import Config
+from epmoe.config import Config, ConfigError
+from epmoe.model.documents import document_ids
 from epmoe.model.moe import moe_layers
 from epmoe.model.router import Routing
 from epmoe.model.transformer import Transformer
@@ -44,6 +46,17 @@ class NonFiniteStep(FloatingPointError):
     """A step whose loss or gradient norm is not finite (train.on_nonfinite=abort)."""
 
 
+def batch_documents(x_BS: torch.Tensor, data: TokenSplits, cfg: Config) -> torch.Tensor | None:
+    """doc_ids_BS of x_BS (documents ended by the data's boundary token) under data.document_mask;
+    None without it. Per rank's own rows: expert parallelism changes nothing here."""
+    if not cfg.data.document_mask:
+        return None
+    if data.boundary_id is None:  # validate() refuses bin early; this guards any source without one
+        raise ConfigError(f"data.document_mask=true needs a boundary token, which data.kind={cfg.data.kind} "
+                          "does not name; set data.document_mask=false")  # fmt: skip
+    return document_ids(x_BS, data.boundary_id)
+
+
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
 
@@ -56,8 +69,9 @@ def evaluate(model: Transformer, data: TokenSplits, cfg: Config, device: torch.d
     global_batch = cfg.train.batch_size * par.info.world
     for i in range(cfg.train.eval_batches):
         x_BS, y_BS = sample_batch(data.val, global_batch, cfg.data.seq_len, cfg.train.seed, VAL_STREAM + i, 0)
+        x_BS = par.my_slice(x_BS).to(device)
         with autocast(device, cfg.train.precision):
-            logits_BSV = model(par.my_slice(x_BS).to(device)).logits_BSV
+            logits_BSV = model(x_BS, doc_ids_BS=batch_documents(x_BS, data, cfg)).logits_BSV
             total += lm_loss(logits_BSV, par.my_slice(y_BS).to(device)).double()
     model.train()
     return par.mean(total.item() / cfg.train.eval_batches)  # NOTE: host sync, once per evaluation
@@ -117,8 +131,8 @@ def train_step(
     for micro in range(t_cfg.grad_accum):
         # the global batch depends only on (seed, micro, step): any world size sees the same data
         x_BS, y_BS = sample_batch(data.train, global_batch, cfg.data.seq_len, t_cfg.seed, micro, step)
-        x_BS, y_BS = par.my_slice(x_BS), par.my_slice(y_BS)
-        out = engine.forward(x_BS.to(device))
+        x_BS, y_BS = par.my_slice(x_BS).to(device), par.my_slice(y_BS)
+        out = engine.forward(x_BS, batch_documents(x_BS, data, cfg))
         ce = lm_loss(out.logits_BSV, y_BS.to(device))
         if t_cfg.fault.nan_at_step == step + 1 and par.info.rank == 0:
             ce = ce * float("nan")  # the injected fault of train.fault.nan_at_step
