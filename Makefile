@@ -30,7 +30,7 @@ test: install  ## ruff check, then the test suite (CPU, a few minutes)
 	$(VENV)/bin/ruff check $(LINTED)
 	$(PY) -m pytest -q tests $(ARGS)
 
-bench: install  ## benchmarks: layer vs dense floor; EP=2 overlap on loopback and a shaped 1 Gbit/s link; vs DeepSpeed-MoE; the step outside the MoE layers; a ~1B Hugging Face import at EP=2; per-rank memory replicated vs FSDP2 and with activation checkpointing
+bench: install  ## benchmarks: layer vs dense floor; EP=2 overlap on loopback and a shaped 1 Gbit/s link; vs DeepSpeed-MoE; the step outside the MoE layers; a ~1B Hugging Face import at EP=2; per-rank memory replicated vs FSDP2 and with activation checkpointing; dense -> MoE upcycling vs scratch
 	$(PY) -m benchmarks.layer --steps 3 --warmup 1 $(ARGS)
 	$(PY) -m benchmarks.overlap --link all --steps 3 --warmup 1 --bf16-chunks 4
 	$(PY) -m benchmarks.peers --steps 5 --warmup 1
@@ -38,6 +38,7 @@ bench: install  ## benchmarks: layer vs dense floor; EP=2 overlap on loopback an
 	$(PY) -m benchmarks.memory --steps 3
 	$(PY) -m benchmarks.hf_import
 	$(PY) -m benchmarks.generate
+	$(PY) -m benchmarks.upcycle --dense-steps 600 --steps 300
 
 lint: install  ## ruff check and ruff format --check
 	$(VENV)/bin/ruff check $(LINTED)

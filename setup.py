@@ -64,6 +64,7 @@ setup(
             "epmoe-generate=epmoe.generate:main",
             "epmoe-eval=epmoe.eval:main",
             "epmoe-plot=epmoe.plot:main",
+            "epmoe-upcycle=epmoe.upcycle.__main__:main",
         ]
     },
 )

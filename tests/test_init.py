@@ -93,3 +93,15 @@ def test_a_tied_hugging_face_model_imports_tied(tmp_path: Path) -> None:
     with torch.no_grad():
         diff = (ref(tokens_BS).logits - model.eval()(tokens_BS).logits_BSV).abs().max().item()
     assert diff <= 1e-5
+
+
+def test_a_checkpoint_of_a_tied_model_loads_tied(tmp_path: Path) -> None:
+    """load_model (export, generate, eval, upcycle) assigns the loaded tensors: the head must stay the
+    embedding, or an optimizer built over the model would hold one parameter more than was saved."""
+    from epmoe.train.checkpoint_model import load_model
+    from tests.tiny_checkpoint import random_model, save_checkpoint
+
+    cfg = load_config(TINY)
+    save_checkpoint(tmp_path / "run", cfg, random_model(cfg))
+    model = load_model(tmp_path / "run").model
+    assert cfg.model.tie_embeddings and model.head.weight is model.embed.weight

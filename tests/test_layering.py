@@ -37,7 +37,7 @@ LAYERS = [
     ("epmoe.parallel",),
     ("epmoe.hf", "epmoe.data"),
     ("epmoe.train",),
-    ("epmoe.generate", "epmoe.eval", "epmoe.plot"),  # python -m epmoe.generate / eval / plot: over checkpoints and runs
+    ("epmoe.generate", "epmoe.eval", "epmoe.plot", "epmoe.upcycle"),  # command lines over checkpoints and runs
     ("epmoe.launch",),
 ]
 FORBIDDEN = {  # beyond the layer order: (importer, imported) packages

@@ -112,19 +112,39 @@ def stacked_expert_names(model: nn.Module) -> dict[str, str]:
             for w in moe.experts.stacked_weights()}  # fmt: skip
 
 
+def tied(model: nn.Module) -> dict[str, str]:
+    """{parameter name: the first name of the same Parameter} of every slot tied to another (the head
+    to the embedding under model.tie_embeddings)."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            out[name] = first[id(p)]
+    return out
+
+
+def retie(model: nn.Module, ties: dict[str, str]) -> None:
+    """Point each tied slot of `ties` (from `tied`) at its first name's Parameter again."""
+    for name, first in ties.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(first))
+
+
 def to_empty(model: nn.Module, device: torch.device) -> None:
     """`model.to_empty(device=device)` with tied parameters kept tied (the embedding and the head).
     NOTE: nn.Module.to_empty gives each module's slot its own new Parameter, untying them (FSDP2's
     modules keep theirs); an untied copy would train as a second weight."""
-    tied = [(name, p) for name, p in model.named_parameters(remove_duplicate=False)]
-    first = {}
-    for name, p in tied:
-        first.setdefault(id(p), name)
+    ties = tied(model)
     model.to_empty(device=device)
-    for name, p in tied:
-        if first[id(p)] != name:
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, model.get_parameter(first[id(p)]))
+    retie(model, ties)
+
+
+def load_assigned(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state, strict=True, assign=True)` (the tensors themselves become the
+    parameters: no second copy) with tied parameters kept tied, as `to_empty` keeps them."""
+    ties = tied(model)
+    model.load_state_dict(state, strict=True, assign=True)
+    retie(model, ties)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from epmoe.config import Config
+from epmoe.model.init import load_assigned
 from epmoe.model.transformer import Transformer
 from epmoe.train import checkpoint_files, checkpoint_state
 from epmoe.train.checkpoint_files import CheckpointError
@@ -45,7 +46,7 @@ def load_model(path: Path) -> CheckpointModel:
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.router)
     try:
-        model.load_state_dict(state, strict=True, assign=True)  # the loaded tensors themselves: no second copy
+        load_assigned(model, state)  # the loaded tensors themselves: no second copy; tied stay tied
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt} does not fit its own config: {str(e).strip().splitlines()[0]}") from None
     return CheckpointModel(ckpt, manifest, cfg, model)
