@@ -36,6 +36,7 @@ bench: install  ## benchmarks: layer vs dense floor; EP=2 overlap on loopback an
 	$(PY) -m benchmarks.peers --steps 5 --warmup 1
 	$(PY) -m benchmarks.step_overhead --steps 20 --warmup 3
 	$(PY) -m benchmarks.memory --steps 3
+	$(PY) -m benchmarks.train_step --steps 10 --warmup 2
 	$(PY) -m benchmarks.hf_import
 	$(PY) -m benchmarks.generate
 	$(PY) -m benchmarks.upcycle --dense-steps 600 --steps 300

@@ -198,6 +198,8 @@ class TrainConfig:
     # recompute each transformer block's forward in backward instead of keeping its activations:
     # full, or selective (matmul and attention outputs kept); epmoe/parallel/activation_checkpointing.py
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
+    # torch.compile each transformer block (inductor; the MoE dispatch stays eager): epmoe/parallel/compile.py
+    compile: bool = False
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 

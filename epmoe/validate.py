@@ -196,6 +196,11 @@ def _validate_train(t: TrainConfig) -> None:
     _choice("train.zero_stage", t.zero_stage, (0, 1, 2))
     if t.zero_stage and t.engine != "deepspeed":
         raise ConfigError(f"train.zero_stage ({t.zero_stage}) needs train.engine=deepspeed (native has no ZeRO)")
+    if t.compile and t.activation_checkpointing != "none":
+        raise ConfigError(
+            f"train.compile=true with train.activation_checkpointing={t.activation_checkpointing}: dynamo cannot "
+            "trace a checkpointed block (it would all run eager, epmoe/parallel/compile.py); use one of the two"
+        )
     f = t.fault
     if f.kill_rank >= 0 and not 1 <= f.at_step <= t.steps:
         raise ConfigError(f"train.fault.at_step ({f.at_step}) must be in [1, train.steps={t.steps}] with kill_rank")

@@ -41,6 +41,16 @@ class Routing:
         return (~self.keep_TK).sum()
 
 
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 counts_n[i] = occurrences of i in `ids` (values in 0..n-1): bincount(minlength=n).
+
+    NOTE: a scatter-add, not torch.bincount, whose output length depends on the data (max id + 1):
+    torch.compile would break the block's graph there (epmoe/parallel/compile.py).
+    """
+    flat = ids.reshape(-1)
+    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def group_limited_mask(
     scores_TE: torch.Tensor, n_groups: int, topk_groups: int, group_score: str = "top2_sum"
 ) -> torch.Tensor:
@@ -121,7 +131,7 @@ def capacity_keep_mask(
     expert_of_order = flat_idx[order]
     # rank of each pair within its expert, in priority order
     by_expert = expert_of_order.argsort(stable=True)
-    counts_E = torch.bincount(expert_of_order, minlength=num_experts)
+    counts_E = count_ids(expert_of_order, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_sorted = torch.arange(K * T, device=flat_idx.device) - starts_E[expert_of_order[by_expert]]
     rank_in_expert = torch.empty_like(rank_sorted)
@@ -182,7 +192,7 @@ class Router(nn.Module):
             # "probability" ranks pairs by their raw routing score, comparable across tokens
             # (renormalised weights are per-token shares: all 1.0 with top-1)
             keep_TK = capacity_keep_mask(topk_idx_TK, topk_scores_TK.detach(), capacity, E, cfg.drop_policy)
-        counts_E = torch.bincount(topk_idx_TK.view(-1), minlength=E)
+        counts_E = count_ids(topk_idx_TK, E)
         return Routing(topk_idx_TK, topk_w_TK, keep_TK, counts_E, aux_loss, z_loss)
 
     def routes_each_token_alone(self) -> bool:

@@ -9,6 +9,7 @@ rank's part of a parallel run.
    with its replicas, per-layer exchange timers, and the rebalancer for online re-placement;
 5. train.activation_checkpointing: every block recomputes its forward in backward
    (activation_checkpointing.py), at every world size, before FSDP wraps the blocks;
+   then train.compile: every block compiled in place, its MoE dispatch left eager (compile.py);
 6. parallel.fsdp=true: FSDP2 shards the non-expert weights over all ranks and the experts over
    their expert-DP group (fsdp.py), after expert parallelism cut the experts to this rank's.
 The training loop only calls it and the `Parallel` it returns; it never parses comm or placement
@@ -32,6 +33,7 @@ from epmoe.model.moe import moe_layers, named_moe_layers
 from epmoe.parallel.activation_checkpointing import apply_activation_checkpointing
 from epmoe.parallel.checkpoint_shards import NO_SHARDS, Shards
 from epmoe.parallel.chunk_tuner import ChunkTuner
+from epmoe.parallel.compile import apply_compile
 from epmoe.parallel.data_parallel import apply_data_parallel
 from epmoe.parallel.expert_parallel import apply_expert_parallel, apply_placement
 from epmoe.parallel.fsdp import apply_fsdp
@@ -132,6 +134,7 @@ def parallelize(model: nn.Module, cfg: Config, device: torch.device) -> Parallel
     info = init_from_env(device, cfg.train.collective_timeout_s)
     if info.world == 1 and cfg.parallel.ep == 1:
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        apply_compile(model, cfg.train.compile)
         return Parallel.single(cfg.model.num_experts, info)
     dims = ParallelDims(world=info.world, dp=cfg.parallel.dp or info.world, ep=cfg.parallel.ep,
                         num_experts=cfg.model.num_experts)  # fmt: skip
@@ -155,9 +158,10 @@ def parallelize(model: nn.Module, cfg: Config, device: torch.device) -> Parallel
 
 
 def _with_fsdp(par: Parallel, model: nn.Module, cfg: Config, device: torch.device) -> Parallel:
-    """Activation checkpointing, then parallel.fsdp=true: shard `model` with FSDP2 (fsdp.py), as the
+    """Activation checkpointing, compile, then parallel.fsdp=true: shard `model` with FSDP2 (fsdp.py), as the
     last steps of parallelize."""
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, par.timers)  # before FSDP
+    apply_compile(model, cfg.train.compile)  # after checkpointing, before FSDP (torchtitan's order)
     if cfg.parallel.fsdp:
         param_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
         par.sharding = apply_fsdp(model, par.dims, device, dispatcher_chunks(cfg.comm) is not None, param_dtype)
