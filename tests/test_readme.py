@@ -71,6 +71,10 @@ VARIANTS: dict[tuple[str, ...], str] = {
     ("python", "-m", "epmoe.generate"): "module_as_written",
     ("python", "-m", "epmoe.eval"): "module_as_written",
     ("python", "-m", "epmoe.plot"): "module_as_written",
+    # training a tokenizer on, and preparing shards of, the test's ~/books/ (40 small files) take a
+    # second as written; so does upcycling a tiny dense run
+    ("python", "-m", "epmoe.data"): "module_as_written",
+    ("python", "-m", "epmoe.upcycle"): "module_as_written",
     # a target runs what `make -n` prints; each printed line goes through this table again
     ("make", "train"): "make_recipe",
     ("make", "test"): "make_recipe",
@@ -99,9 +103,14 @@ PLACEHOLDERS: dict[str, Input | Output] = {
     "outputs/<date>/<time>": Input("hf_run"),  # a finished 2-step run trained from that folder: what export reads
     "outputs/2026-11-25/15-10-24": Input("run"),  # a finished 2-step run of TINY_MODEL: what train.resume continues
     "hosts": Input("hostfile"),  # a DeepSpeed hostfile, "localhost slots=2"
+    "path/to/tokenizer.json": Input("tokenizer"),  # a BPE tokenizer trained on ~/books/ by train-tokenizer
+    "path/to/shards": Input("shards"),  # ~/books/ prepared with that tokenizer
+    "path/to/dense_run": Input("dense_run"),  # a finished 2-step run of TINY_MODEL without experts
     "path/to/out": Output(),
     "path/to/run_dir": Output(),
 }
+# after these flags a placeholder names what the command writes: a fresh path, as an Output
+WRITES = ("--out",)
 LOOKS_LIKE_A_PLACEHOLDER = re.compile(r"path/to/|<[^>]*>|^(outputs|multirun)/")
 
 
@@ -294,21 +303,22 @@ def make_recipe(ctx: Ctx, command: list[str]) -> None:
         run_command(ctx, words)
 
 
-def _stand_in(ctx: Ctx, placeholder: str) -> Path:
-    """What stands in for a PLACEHOLDERS entry in this command's run."""
+def _stand_in(ctx: Ctx, placeholder: str, written: bool = False) -> Path:
+    """What stands in for a PLACEHOLDERS entry in this command's run; written: the command writes it
+    (it follows one of WRITES), so a fresh path even for an Input."""
     kind = PLACEHOLDERS[placeholder]
-    if isinstance(kind, Input):
+    if isinstance(kind, Input) and not written:
         return ctx.things(kind.name)
     path = ctx.tmp / re.sub(r"\W+", "_", placeholder)
     ctx.outputs.append(path)
     return path
 
 
-def _fill(ctx: Ctx, word: str) -> str:
-    """`word`, or the value of a `key=value` word, with its placeholder replaced."""
+def _fill(ctx: Ctx, word: str, after: str = "") -> str:
+    """`word`, or the value of a `key=value` word, with its placeholder replaced (after: the word before it)."""
     key, eq, value = word.rpartition("=") if "=" in word else ("", "", word)
     if value in PLACEHOLDERS:
-        return f"{key}{eq}{_stand_in(ctx, value)}"
+        return f"{key}{eq}{_stand_in(ctx, value, written=after in WRITES)}"
     assert not LOOKS_LIKE_A_PLACEHOLDER.search(value), f"{value!r} looks like a placeholder: add it to PLACEHOLDERS"
     if value.startswith("~"):
         assert Path(os.path.expanduser(value)).exists(), f"{value}: add it to the `home` fixture"
@@ -327,7 +337,9 @@ def run_command(ctx: Ctx, words: list[str]) -> None:
     runner = _variant(words)
     assert runner, (f"no variant for {shlex.join(words)!r}: add its first words to VARIANTS in "
                     "tests/test_readme.py, with why that variant is faithful")  # fmt: skip
-    runner(ctx, [_fill(ctx, os.path.expandvars(w)) for w in words])  # $VARS expanded as the shell does
+    # $VARS expanded as the shell does, and a word's leading ~ (not one after `key=`: not an assignment)
+    words = [os.path.expanduser(os.path.expandvars(w)) if w.startswith("~") else os.path.expandvars(w) for w in words]
+    runner(ctx, [_fill(ctx, w, after) for after, w in zip(["", *words], words)])
 
 
 # -- reading the README -----------------------------------------------------------------------
@@ -389,7 +401,16 @@ def things(tmp_path_factory, home) -> Callable[[str], Path]:
         "hf_run": lambda: run("hf_run", f"train.init_from={get('hf_model')}"),
         "run": lambda: run("run", *TINY_MODEL),
         "hostfile": lambda: hostfile(root / "hostfile"),
+        "tokenizer": lambda: data_cli("train-tokenizer", "--vocab", "512", "--out", root / "tokenizer.json"),
+        "shards": lambda: data_cli("prepare", "--tokenizer", get("tokenizer"), "--out", root / "shards"),
+        "dense_run": lambda: run("dense_run", "model=dense_small", *TINY_MODEL),
     }
+
+    def data_cli(command: str, *args: str | Path) -> Path:  # python -m epmoe.data on ~/books/: its --out
+        from epmoe.data.__main__ import main
+
+        assert main([command, *map(str, args), "--no-progress", str(home / "books")]) == 0
+        return Path(args[-1])
     built: dict[str, Path] = {}
 
     def get(name: str) -> Path:
