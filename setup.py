@@ -15,6 +15,7 @@ PACKAGES = {
     "epmoe.parallel": "epmoe/parallel",
     "epmoe.placement": "epmoe/placement",
     "epmoe.train": "epmoe/train",
+    "epmoe.upcycle": "epmoe/upcycle",
     "epmoe.comm": "comm",
     "epmoe.launch": "launch",
     "epmoe.conf": "conf",  # the Hydra YAML tree, found as pkg://epmoe.conf

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from epmoe.durable import sha256_file
 from epmoe.model.transformer import Transformer
 from epmoe.train import checkpoint_files, checkpoint_state
 from epmoe.train.checkpoint_files import CheckpointError, CheckpointWarning
@@ -134,7 +135,7 @@ def test_checkpoint_with_a_pickled_object_is_refused(ep2_run: tuple[Path, dict],
     common["rng"] = {"torch": Path("/etc/passwd")}  # not a tensor, a container or a number
     torch.save(common, ckpt / checkpoint_files.COMMON)
     manifest = json.loads((ckpt / checkpoint_files.MANIFEST).read_text())  # checksums that match: it verifies
-    manifest["files"][checkpoint_files.COMMON] = {"sha256": checkpoint_files.sha256(ckpt / checkpoint_files.COMMON),
+    manifest["files"][checkpoint_files.COMMON] = {"sha256": sha256_file(ckpt / checkpoint_files.COMMON),
                                             "bytes": (ckpt / checkpoint_files.COMMON).stat().st_size}  # fmt: skip
     (ckpt / checkpoint_files.MANIFEST).write_text(json.dumps(manifest))
     checkpoint_files.verify(ckpt)

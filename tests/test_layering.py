@@ -2,7 +2,7 @@
 
 Layers, top first; a module imports only its own layer and the ones above it:
     epmoe.config, epmoe.validate, epmoe.choices,
-    epmoe.host_memory, epmoe.exit_codes (leaf modules)
+    epmoe.host_memory, epmoe.exit_codes, epmoe.durable (leaf modules)
     epmoe.model                         single-device math
     epmoe.placement                     pure policies
     epmoe.comm                          the communication leaf (comm/)
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 # installed package -> source folder (setup.py's package_dir)
 SOURCES = {"epmoe": REPO / "epmoe", "epmoe.comm": REPO / "comm", "epmoe.launch": REPO / "launch"}
 LAYERS = [
-    ("epmoe.config", "epmoe.choices", "epmoe.host_memory", "epmoe.exit_codes", "epmoe.validate"),
+    ("epmoe.config", "epmoe.choices", "epmoe.host_memory", "epmoe.exit_codes", "epmoe.validate", "epmoe.durable"),
     ("epmoe.model",),
     ("epmoe.placement",),
     ("epmoe.comm",),

@@ -34,9 +34,9 @@ from epmoe.data.shards import (
     ShardWriter,
     TokenizerInfo,
     dtype_for,
-    fsync_path,
 )
 from epmoe.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
+from epmoe.durable import fsync_path
 
 BYTES = "bytes"  # --tokenizer bytes: byte-level ids (vocab 256), EOS = NUL
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard

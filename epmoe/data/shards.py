@@ -22,7 +22,6 @@ is ever widened whole).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import struct
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from epmoe.data.errors import DataError
+from epmoe.durable import fsync_path, sha256_file
 
 FORMAT = "epmoe-token-shards"
 VERSION = 1
@@ -125,23 +125,6 @@ class Metadata:
                             f"{self.tokenizer.vocab_size}")  # fmt: skip
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
     """Writes one split's shards into `folder`, a new shard once one holds `shard_tokens` tokens
     (a shard holds whole documents, so one may run past it by a document)."""
@@ -194,7 +177,7 @@ class ShardWriter:
         np.save(self.folder / f"{name}.docs.npy", np.asarray(self._offsets, dtype=np.uint64))
         fsync_path(self.folder / f"{name}.docs.npy")
         shard = ShardInfo(f"{name}.bin", f"{name}.docs.npy", n_tokens, n_docs, self._bytes,
-                          _sha256_file(self.folder / f"{name}.bin"))  # fmt: skip
+                          sha256_file(self.folder / f"{name}.bin"))  # fmt: skip
         self.info.shards.append(shard)
         self.info.tokens += n_tokens
         self.info.documents += n_docs
@@ -312,7 +295,7 @@ def verify_sha256(folder: Path, meta: Metadata, max_bytes: int | None = SHA_AT_L
             path = folder / shard.file
             if max_bytes is not None and path.stat().st_size > max_bytes:
                 continue
-            if (sha := _sha256_file(path)) != shard.sha256:
+            if (sha := sha256_file(path)) != shard.sha256:
                 raise DataError(f"{path} does not match {METADATA}: sha256 {sha[:12]}, the metadata says "
                                 f"{shard.sha256[:12]} (a corrupt or replaced shard); prepare the corpus "
                                 "again")  # fmt: skip

@@ -8,7 +8,6 @@ manifest (written last, after every file is fsynced and hashed); `step_<N>.tmp/`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from typing import Any, BinaryIO
 import torch
 
 from epmoe.comm.process import all_reduce_sum_
+from epmoe.durable import sha256_file
 from epmoe.train import manifest as schema
 from epmoe.train.manifest import COMMON, FORMAT_VERSION, MANIFEST, expert_file  # noqa: F401  (re-exported)
 
@@ -37,22 +37,6 @@ class CheckpointWarning(UserWarning):
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Writer:
@@ -88,7 +72,7 @@ def write_file(path: Path, obj: Any) -> tuple[str, int]:
             raise
         f.flush()
         os.fsync(f.fileno())
-    return sha256(path), path.stat().st_size
+    return sha256_file(path), path.stat().st_size
 
 
 def prune(folder: Path, keep: int) -> list[Path]:
@@ -166,7 +150,7 @@ def verify(ckpt: Path) -> dict:
             raise CheckpointError(f"{file} is missing")
         if (size := file.stat().st_size) != meta["bytes"]:
             raise CheckpointError(f"{file} is truncated or altered: {size} bytes, the manifest says {meta['bytes']}")
-        if sha256(file) != meta["sha256"]:
+        if sha256_file(file) != meta["sha256"]:
             raise CheckpointError(f"{file} fails its sha256 checksum")
     return manifest
 

@@ -59,6 +59,7 @@ from torch import nn
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import all_reduce_sum_
 from epmoe.config import Config
+from epmoe.durable import fsync_path, sha256_file
 from epmoe.model.experts import GroupedExperts
 from epmoe.model.moe import named_moe_layers
 from epmoe.parallel.checkpoint_shards import DENSE_METADATA, NO_SHARDS, Shards, dense_file
@@ -81,11 +82,9 @@ from epmoe.train.checkpoint_files import (
     checkpoint_dir,
     complete_checkpoints,
     expert_file,
-    fsync_dir,
     load_file,
     prune,
     read_manifest,
-    sha256,
     verify,
     write_file,
 )
@@ -193,7 +192,7 @@ def save(
         try:
             for name in shards.save_dense(tmp / dense, dense_shard_state(model, optimizer), rank):
                 path = tmp / dense / name
-                record(f"{dense}/{name}", sha256(path), path.stat().st_size)
+                record(f"{dense}/{name}", sha256_file(path), path.stat().st_size)
         except OSError as e:  # raised on every rank: the row of this rank's own file carries it
             report_F35[names.index(f"{dense}/{dense_file(rank)}"), 33] = _errno(e)
     if rank < ep and placement is not None:  # expert-DP replica 0 (rank = dp_index * ep + ep_index)
@@ -223,7 +222,7 @@ def save(
                 json.dump(record, f, indent=1, default=str)
                 f.flush()
                 os.fsync(f.fileno())
-            fsync_dir(tmp)
+            fsync_path(tmp)
         except OSError as e:
             done_1[0] = _errno(e)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -231,7 +230,7 @@ def save(
             if final.exists():  # a rerun reaching the same step: the new one wins
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            fsync_dir(folder)  # make the rename itself durable
+            fsync_path(folder)  # make the rename itself durable
             prune(folder, keep)
     all_reduce_sum_(done_1)  # the barrier: every rank returns once the checkpoint is complete
     if errno_ := int(done_1[0]):
