@@ -42,6 +42,7 @@ setup(
         "scipy>=1.9",
         "safetensors>=0.4",
         "tokenizers>=0.19",
+        "datasets>=2.16",  # local Hugging Face datasets (data=hf, prepare's parquet / arrow / save_to_disk INPUTs)
         "tensorboard>=2.14",  # logger=tensorboard, through torch.utils.tensorboard
     ],
     extras_require={

@@ -82,6 +82,7 @@ class DataKind(Choice):
     jsonl = "jsonl"
     bin = "bin"
     tokens = "tokens"  # token shards written by `python -m epmoe.data prepare`
+    hf = "hf"  # a local Hugging Face dataset (save_to_disk folder, parquet or arrow files)
 
 
 class Precision(Choice):

@@ -132,7 +132,9 @@ class RouterConfig:
 @dataclass
 class DataConfig:
     kind: DataKind = DataKind.stdlib
-    path: str | None = None  # file or folder for text, a file for jsonl and bin, prepare's folder for tokens
+    path: str | None = None  # file or folder for text, a file for jsonl and bin, prepare's folder for tokens,
+    # a save_to_disk folder, a parquet / arrow file or a folder of them for hf
+    field: str = "text"  # the text's key in jsonl lines, its column in an hf dataset
     # text, jsonl and stdlib are tokenized by this tokenizer (a tokenizer.json, or a folder holding
     # one, such as a Hugging Face model's); None = bytes (vocab 256). With train.init_from it
     # defaults to the imported folder's own tokenizer.json. For tokens it is optional and must be the

@@ -157,6 +157,11 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
         raise ConfigError(f"data.kind={d.kind} needs data.path (a file or folder)")
     if d.kind == "stdlib" and d.path:
         raise ConfigError(f"data.path ({d.path}) is not read by data.kind=stdlib; use data=text, jsonl or bin")
+    if not d.field:
+        raise ConfigError("data.field is empty; name the text's key (jsonl) or column (hf), e.g. data.field=text")
+    if d.field != "text" and d.kind not in ("jsonl", "hf"):  # NOTE: the default itself cannot be told from unset
+        raise ConfigError(f"data.field ({d.field}) names the text of data.kind=jsonl or hf; data.kind={d.kind} does "
+                          "not read it, so drop data.field")  # fmt: skip
     if d.kind == "bin" and d.tokenizer is not None:
         raise ConfigError(f"data.tokenizer ({d.tokenizer}) tokenizes text; data.kind=bin holds token ids already, "
                           "so drop data.tokenizer")  # fmt: skip

@@ -28,7 +28,7 @@ from epmoe.validate import validate
 from .conftest import run_cli
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-NEEDS_PATH = {"text", "jsonl", "bin", "tokens"}
+NEEDS_PATH = {"text", "jsonl", "bin", "tokens", "hf"}
 
 
 def _group_options() -> list[tuple[str, str]]:
@@ -259,7 +259,7 @@ CHOICES = {
     "router.score_func": "softmax, sigmoid",
     "router.aux_loss": "none, batch, sequence",
     "router.drop_policy": "position, probability",
-    "data.kind": "stdlib, text, jsonl, bin, tokens",
+    "data.kind": "stdlib, text, jsonl, bin, tokens, hf",
     "train.precision": "fp32, bf16",
     "train.device": "auto, cpu, cuda",
     "train.on_nonfinite": "skip, abort",

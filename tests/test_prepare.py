@@ -172,8 +172,7 @@ def test_bad_input_is_one_line_and_exit_2(bpe: Path, corpus: tuple[Path, Path], 
     assert "x.dat is binary, not text (a NUL byte at byte 2)" in _error(capsys, [*prepare, str(binary)])
     (table := tmp_path / "table").mkdir()
     (table / "train.parquet").write_bytes(b"PAR1")
-    assert "train.parquet is a .parquet file: only text and JSON-lines INPUTs are read so far; export it as " \
-           ".jsonl" in _error(capsys, [*prepare, str(table)])  # fmt: skip
+    assert "train.parquet is not a readable parquet file (" in _error(capsys, [*prepare, str(table)])
     (one := tmp_path / "one").mkdir()
     (one / "a.txt").write_text("only one document")
     assert "none of the 1 document(s) falls in the" in _error(capsys, [*prepare, str(one)])

@@ -6,7 +6,9 @@
     python -m epmoe.data verify shards                                               # every sha256
 
 INPUTs are text files (one document each), JSON-lines files (.jsonl, .ndjson: a document per line,
-its text in --field) and folders of them. Errors (a missing input, a corpus without documents,
+its text in --field), local Hugging Face datasets (.parquet and .arrow files, datasets.save_to_disk
+folders, a DatasetDict's train split: a document per row, its text in the --field column) and
+folders of them. Errors (a missing input, a corpus without documents,
 an --out that exists, shards that do not match their metadata) are one line and exit 2; nothing
 half-written is left.
 """
@@ -51,8 +53,16 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _inputs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="text or JSON-lines files, or folders of them")
-    p.add_argument("--field", default="text", help="the text's key in JSON lines (default: text)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help="text, JSON-lines, .parquet or .arrow files, save_to_disk folders, or folders of them",
+    )
+    p.add_argument(
+        "--field", default="text", help="the text's key in JSON lines, its column in datasets (default: text)"
+    )
     p.add_argument(
         "--include",
         action="append",

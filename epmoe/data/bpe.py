@@ -50,7 +50,7 @@ def train_tokenizer(opts: BPEOptions) -> tuple[Path, float, int]:
 
     def texts():  # counts the documents as the trainer reads them
         nonlocal n_docs
-        for text in iter_documents(files, opts.text_field):
+        for text in iter_documents(files, opts.text_field, opts.progress):
             n_docs += 1
             yield text
 

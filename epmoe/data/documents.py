@@ -2,14 +2,19 @@
 train/validation assignment of a document by its name.
 
 An INPUT is a text file (one document), a JSON-lines file (`.jsonl`, `.ndjson`: one document per
-line, its text in a chosen field), or a folder of such files (read recursively, in sorted order).
-Reading is cut into `Task`s — a group of small text files, or a byte range of one JSON-lines file
-that starts and ends at a line break — so that worker processes can read, decode and tokenise
-in parallel while the output stays in one deterministic order.
+line, its text in a chosen field), a local Hugging Face dataset (a `.parquet` or `.arrow` file, or a
+`datasets.save_to_disk` folder, of which a DatasetDict's `train` split: one document per row, its
+text in the chosen column; epmoe/data/hf_datasets.py), or a folder of such files and saved
+datasets (read recursively, in sorted order). Reading is cut into `Task`s — a group of small text
+files, a byte range of one JSON-lines file that starts and ends at a line break, or a row range of
+one dataset — so that worker processes can read, decode and tokenise in parallel while the output
+stays in one deterministic order.
 
-A document's name (its path relative to the INPUT folder; `path@byte offset` for a JSON line)
-decides its split, so the split does not depend on the order, the number of workers or the other
-documents: the same rule as data.kind=stdlib/text/jsonl (epmoe/train/data.py).
+A document's name (its path relative to the INPUT folder; `path@byte offset` for a JSON line;
+`path@row` for a dataset's row, the path without its .parquet / .arrow suffix, so that the same
+table stored as parquet, arrow or save_to_disk names its rows alike and prepares to the same
+shards) decides its split, so the split does not depend on the order, the number of workers or
+the other documents: the same rule as data.kind=stdlib/text/jsonl/hf (epmoe/train/data.py).
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from epmoe.data.errors import DataError
+from epmoe.data.hf_datasets import LocalDataset, is_dataset_file, is_saved_dataset
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-DATASET_SUFFIXES = (".parquet", ".arrow")  # read by the `datasets` library: not supported yet
 TASK_BYTES = 1 << 20  # text per task: its pickling is small beside its tokenising, and the last tasks balance
 TASK_FILES = 256  # small files per task at most
 
@@ -36,8 +41,8 @@ def is_val(name: str, val_fraction: float) -> bool:
 
 @dataclass(frozen=True)
 class Task:
-    """One unit of reading for a worker: text files (each a document) or one JSON-lines file's
-    lines that start in [start, end)."""
+    """One unit of reading for a worker: text files (each a document), one JSON-lines file's
+    lines that start in bytes [start, end), or one dataset's rows [start, end)."""
 
     files: tuple[tuple[str, Path], ...] = ()  # (document name, path) of text files
     jsonl: Path | None = None
@@ -45,12 +50,17 @@ class Task:
     start: int = 0
     end: int = 0
     field: str = "text"
+    dataset: LocalDataset | None = None
+    dataset_name: str = ""  # its rows' names' prefix: the name relative to its INPUT, less the suffix
+    dataset_bytes: int = 0  # about the text bytes of the rows (the column's share): read without reading them
 
     @property
     def n_bytes(self) -> int:
         """Bytes of input this task reads (for the progress bar)."""
         if self.jsonl is not None:
             return self.end - self.start
+        if self.dataset is not None:
+            return self.dataset_bytes
         return sum(p.stat().st_size for _, p in self.files)
 
     def documents(self) -> Iterator[tuple[str, bytes]]:
@@ -63,6 +73,10 @@ class Task:
                 yield name, raw
         if self.jsonl is not None:
             yield from self._jsonl_documents()
+        if self.dataset is not None:
+            for row, raw in self.dataset.documents(self.field, self.start, self.end):
+                if raw:
+                    yield f"{self.dataset_name}@{row}", raw
 
     def _jsonl_documents(self) -> Iterator[tuple[str, bytes]]:
         with self.jsonl.open("rb") as f:
@@ -99,38 +113,40 @@ def _read(path: Path) -> bytes:
 def input_files(inputs: list[Path], include: list[str], exclude: list[str]) -> list[tuple[str, Path]]:
     """(name relative to its INPUT, path) of every file the INPUTs name: a file itself, or each file
     under a folder (sorted) whose name matches an `include` glob and no part of whose relative path
-    matches an `exclude` glob (names starting with "." are always left out)."""
+    matches an `exclude` glob (names starting with "." are always left out). A save_to_disk folder
+    (the INPUT itself or one under it) is one entry, its folder, whatever the globs say of its files."""
     out = []
     for root in inputs:
         if not root.exists():
             raise DataError(f"INPUT {root} does not exist")
-        if root.is_file():
+        if root.is_file() or is_saved_dataset(root):
             out.append((root.name, root))
             continue
         try:
             found = sorted(p for p in root.rglob("*") if p.is_file())
         except OSError as e:
             raise DataError(f"INPUT {root} cannot be listed ({e.strerror or e})") from None
-        for p in found:
+        saved = {d for d in {p.parent for p in found} if is_saved_dataset(d)}
+        for p in sorted([*found, *saved]):  # a saved dataset where its files would be
             rel = p.relative_to(root)
             if any(part.startswith(".") or any(fnmatch.fnmatch(part, g) for g in exclude) for part in rel.parts):
                 continue
-            if include and not any(fnmatch.fnmatch(p.name, g) for g in include):
+            if any(d in p.parents for d in saved):  # a saved dataset's own files, read through it
+                continue
+            if p not in saved and include and not any(fnmatch.fnmatch(p.name, g) for g in include):
                 continue
             out.append((str(rel), p))
     return out
 
 
-def plan_tasks(files: list[tuple[str, Path]], field: str) -> list[Task]:
-    """The INPUT files cut into tasks of about TASK_BYTES each, in the files' order."""
+def plan_tasks(files: list[tuple[str, Path]], field: str, progress: bool = True) -> list[Task]:
+    """The INPUT files cut into tasks of about TASK_BYTES each, in the files' order (`progress`:
+    the `datasets` library's bar while it converts a parquet or arrow file into its cache)."""
     tasks: list[Task] = []
     group: list[tuple[str, Path]] = []
     group_bytes = 0
     for name, path in files:
-        if path.suffix in DATASET_SUFFIXES:  # (a save_to_disk folder holds .arrow files)
-            raise DataError(f"{path} is a {path.suffix or 'datasets'} file: only text and JSON-lines INPUTs are "
-                            "read so far; export it as .jsonl (Dataset.to_json) and prepare that")  # fmt: skip
-        if path.suffix not in JSONL_SUFFIXES:
+        if path.suffix not in JSONL_SUFFIXES and not is_dataset_file(path) and not path.is_dir():
             group.append((name, path))
             group_bytes += path.stat().st_size
             if group_bytes >= TASK_BYTES or len(group) >= TASK_FILES:
@@ -140,7 +156,10 @@ def plan_tasks(files: list[tuple[str, Path]], field: str) -> list[Task]:
         if group:  # keep the output in the files' order
             tasks.append(Task(files=tuple(group)))
             group, group_bytes = [], 0
-        tasks += [Task(jsonl=path, jsonl_name=name, start=a, end=b, field=field) for a, b in _line_ranges(path)]
+        if path.suffix in JSONL_SUFFIXES:
+            tasks += [Task(jsonl=path, jsonl_name=name, start=a, end=b, field=field) for a, b in _line_ranges(path)]
+        else:
+            tasks += _dataset_tasks(name, path, field, progress)
     if group:
         tasks.append(Task(files=tuple(group)))
     return tasks
@@ -161,9 +180,22 @@ def _line_ranges(path: Path) -> list[tuple[int, int]]:
     return ranges
 
 
-def iter_documents(files: list[tuple[str, Path]], field: str) -> Iterator[str]:
+def _dataset_tasks(name: str, path: Path, field: str, progress: bool) -> list[Task]:
+    """A dataset's rows cut into tasks of about TASK_BYTES of text each (by the column's mean row size)."""
+    dataset = LocalDataset(path) if path.is_dir() else LocalDataset.of_file(path)
+    dataset.check_field(field, "--field")
+    rows = dataset.open(progress).num_rows
+    text_bytes = dataset.text_bytes(field)
+    step = max(1, rows * TASK_BYTES // max(text_bytes, 1))
+    prefix = name if path.is_dir() else name[: -len(path.suffix)]
+    return [Task(dataset=dataset, dataset_name=prefix, start=a, end=min(a + step, rows), field=field,
+                 dataset_bytes=text_bytes * (min(a + step, rows) - a) // rows)
+            for a in range(0, rows, step)]  # fmt: skip
+
+
+def iter_documents(files: list[tuple[str, Path]], field: str, progress: bool = True) -> Iterator[str]:
     """The text of every document of the files, in order (for training a tokenizer); undecodable
     bytes read as U+FFFD, as the tokenizers encode them."""
-    for task in plan_tasks(files, field):
+    for task in plan_tasks(files, field, progress):
         for _, raw in task.documents():
             yield raw.decode("utf-8", errors="replace")

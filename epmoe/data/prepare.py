@@ -149,7 +149,7 @@ def prepare(opts: PrepareOptions) -> Prepared:
     info = _tokenizer_info(opts.tokenizer, tok)
     dtype = dtype_for(tok.vocab_size)
     files = input_files(opts.inputs, opts.include, opts.exclude)
-    tasks = plan_tasks(files, opts.text_field)
+    tasks = plan_tasks(files, opts.text_field, opts.progress)
     total = sum(t.n_bytes for t in tasks)
     tmp = opts.out.with_name(opts.out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # an earlier prepare that did not finish

@@ -5,7 +5,12 @@ Hugging Face tokenizer.json; an imported model's own by default). Sources:
 - `stdlib`: the `.py` files of the running Python's standard library (real text that every
   machine has), split into train/val by file;
 - `text`: a text file (split by position) or a folder of text files (split by file);
-- `jsonl`: one JSON object per line with a `text` field (split by document);
+- `jsonl`: one JSON object per line, its text in the `data.field` field (split by document);
+- `hf`: a local Hugging Face dataset through the `datasets` library (epmoe/data/hf_datasets.py): a
+  save_to_disk folder (a DatasetDict's train split), a .parquet or .arrow file, or a folder of such
+  files of one format read as one table; a document per row, its text in the `data.field` column
+  (split by document, a row named as its line in a JSON-lines export, so that the same documents
+  as data=jsonl split alike and give the same streams);
 - `bin`: a flat uint16 token memmap (split by position; vocab taken from the model);
 - `tokens`: the token shards of `python -m epmoe.data prepare` (epmoe/data/shards.py), split by
   document when they were prepared; memory-mapped and read a window at a time.
@@ -36,6 +41,7 @@ from epmoe.config import DataConfig
 from epmoe.data import shards
 from epmoe.data.documents import is_val as _is_val
 from epmoe.data.errors import DataError
+from epmoe.data.hf_datasets import LocalDataset, is_dataset_file, is_saved_dataset
 from epmoe.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
 
 # 1-D tokens that `len()` and `[a:b]` read: a tensor (uint8 bytes, int32 tokenizer ids, uint16 ids),
@@ -125,24 +131,58 @@ def _read_text(path: Path) -> list[tuple[str, bytes]]:
     return docs
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, bytes]]:
+def _read_jsonl(path: Path, field: str) -> list[tuple[str, bytes]]:
     docs = []
     for line_no, line in enumerate(_read_bytes(path).split(b"\n"), 1):
         if not line.strip():
             continue
         try:
-            text = json.loads(line)["text"]
+            text = json.loads(line)[field]
         except UnicodeDecodeError as e:
             raise DataError(f"{path}:{line_no} is not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
-        except (ValueError, KeyError, TypeError, IndexError):  # not JSON, or not an object with "text"
-            raise DataError(f"{path}:{line_no} is not a JSON object with a 'text' field") from None
+        except (ValueError, KeyError, TypeError, IndexError):  # not JSON, or not an object with the field
+            raise DataError(f"{path}:{line_no} is not a JSON object with a {field!r} field") from None
         if not isinstance(text, str):
-            raise DataError(f"{path}:{line_no}: the 'text' field is a {type(text).__name__}, not a string")
+            raise DataError(f"{path}:{line_no}: the {field!r} field is a {type(text).__name__}, not a string")
         try:
             docs.append((f"{line_no}", text.encode("utf-8")))
         except UnicodeEncodeError as e:
-            raise DataError(f"{path}:{line_no}: the 'text' field is not valid Unicode ({e.reason})") from None
+            raise DataError(f"{path}:{line_no}: the {field!r} field is not valid Unicode ({e.reason})") from None
     return docs
+
+
+def _hf_dataset(path: Path) -> LocalDataset:
+    """data.kind=hf's table at `path`: a save_to_disk folder, a .parquet or .arrow file, or a folder
+    of such files (recursively, sorted, names starting with "." left out), all of one format."""
+    if path.is_file():
+        if not is_dataset_file(path):
+            raise DataError(f"data.kind=hf reads .parquet or .arrow files or save_to_disk folders; {path} is "
+                            "neither (data=text and data=jsonl read other files)")  # fmt: skip
+        return LocalDataset.of_file(path)
+    if is_saved_dataset(path):
+        return LocalDataset(path)
+    try:
+        files = sorted(p for p in path.rglob("*") if is_dataset_file(p) and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))  # fmt: skip
+    except OSError as e:
+        raise DataError(f"data.path {path} cannot be listed ({e.strerror or e})") from None
+    if not files:
+        raise DataError(f"data.path {path} is not a dataset: no dataset_info.json and state.json (a save_to_disk "
+                        "folder) and no .parquet or .arrow files under it; point data.path at one")  # fmt: skip
+    if saved := sorted({p.parent for p in files if is_saved_dataset(p.parent)}):
+        raise DataError(f"data.path {path} holds the save_to_disk folder {saved[0]}; point data.path at that folder")
+    if len({p.suffix for p in files}) > 1:
+        raise DataError(f"data.path {path} holds both .parquet and .arrow files; data.kind=hf reads one table of "
+                        "one format: point data.path at a file or a folder of one format")  # fmt: skip
+    return LocalDataset(path, tuple(files))
+
+
+def _read_hf(path: Path, field: str) -> list[tuple[str, bytes]]:
+    """Every row's text, named by its 1-based row number: the line it would be in a JSON-lines
+    export (Dataset.to_json), as data.kind=jsonl names its lines."""
+    dataset = _hf_dataset(path)
+    dataset.check_field(field, "data.field")
+    return [(f"{row + 1}", raw) for row, raw in dataset.documents(field, 0, dataset.open().num_rows)]
 
 
 def check_source(cfg: DataConfig) -> Path | None:
@@ -161,6 +201,9 @@ def check_source(cfg: DataConfig) -> Path | None:
             raise DataError(f"data.kind=tokens needs the folder `python -m epmoe.data prepare --out` wrote; "
                             f"{path} is a file")  # fmt: skip
         shards.read_metadata(path)  # sizes, headers and offsets against the metadata: no token is read
+        return path
+    if cfg.kind == "hf":  # the columns, from the schemas: nothing converted or read yet
+        _hf_dataset(path).check_field(cfg.field, "data.field")
         return path
     if cfg.kind in ("jsonl", "bin") and not path.is_file():
         what = "uint16 tokens" if cfg.kind == "bin" else "JSON lines"
@@ -201,7 +244,10 @@ def fingerprint(cfg: DataConfig) -> dict:
         root, files = stdlib_root(), _stdlib_files(stdlib_root())
     else:
         root = Path(cfg.path).expanduser().resolve()
-        files = _text_files(root) if cfg.kind in ("text", "tokens") else [root]
+        if cfg.kind == "hf":
+            files = _hf_dataset(root).data_files()
+        else:
+            files = _text_files(root) if cfg.kind in ("text", "tokens") else [root]
     out = {}
     for p in files:
         stat = p.stat()
@@ -248,7 +294,10 @@ def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
             train, val = _split_position(tokens, cfg.val_fraction, what)
             _check_windows(train, val, cfg.seq_len, what)
             return TokenSplits(train, val, f"{what} ({len(tokens):,} uint16 tokens)", None, None, None)
-        docs = _read_jsonl(path) if cfg.kind == "jsonl" else _read_text(path)
+        if cfg.kind == "hf":
+            docs = _read_hf(path, cfg.field)
+        else:
+            docs = _read_jsonl(path, cfg.field) if cfg.kind == "jsonl" else _read_text(path)
     tokenizer = load_tokenizer(cfg.tokenizer)
     tokenizer.check_vocab(vocab_size)
     if sum(len(d) for _, d in docs) == 0:
