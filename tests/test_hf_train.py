@@ -111,3 +111,21 @@ def test_a_folder_missing_a_tensor_is_refused_before_ranks_start(tmp_path: Path)
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "missing tensor model.layers.1.mlp.experts.3.up_proj.weight" in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_an_import_into_experts_sharded_over_expert_dp_trains_like_one_process(
+    tmp_path: Path, text_corpus: Path
+) -> None:
+    """World 4 / EP 2 / FSDP2: each rank's experts are sharded over its expert-DP group of 2, so
+    init_from assembles each stacked expert weight whole from its experts' tensors and cuts the
+    shard; the losses equal one process's."""
+    from epmoe.train.cli import load_config
+    from epmoe.train.trainer import train
+
+    data = ["data=text", f"data.path={text_corpus}"]
+    folder = save("qwen3_moe", tmp_path / "qwen3_moe", vocab_size=256)
+    single = train(load_config([*RUN, *data, f"train.init_from={folder}", "train.batch_size=8"]), tmp_path / "one")
+    (sharded,) = spawn_jobs(4, [([*RUN, *data, f"train.init_from={folder}", "parallel.ep=2", "parallel.fsdp=true"],
+                                 tmp_path / "w4")])  # fmt: skip
+    worst = max(abs(a - b) / abs(b) for a, b in zip(sharded["losses"], single.losses))
+    assert len(sharded["losses"]) == STEPS and worst <= 1e-5, f"relative loss difference {worst:.2e}"

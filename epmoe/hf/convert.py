@@ -146,7 +146,6 @@ def load_weights(
     for key, t in state.items():
         if not t.requires_grad and key.endswith("expert_bias_E"):
             t.zero_()
-    last_link = {link.ours: link for link in links}  # after it, a tensor assembled whole is complete
     rows_of: dict[str, dict[int, list[int]]] = {}  # "blocks.i.ffn.experts.w" -> {global id: local rows}
     for link in links:
         if link.expert is None or link.ours in rows_of:
@@ -156,12 +155,13 @@ def load_weights(
         rows_of[link.ours] = {}
         for row, e in enumerate(ids):
             rows_of[link.ours].setdefault(int(e), []).append(row)
+    # what this rank reads: another rank's expert is not read
+    reads = [(link, rows) for link in links
+             if (rows := [None] if link.expert is None else rows_of[link.ours].get(link.expert, []))]  # fmt: skip
+    last = {link.ours: i for i, (link, _) in enumerate(reads)}  # after it, a tensor assembled whole is complete
     # a tensor FSDP2 shards is assembled whole on the CPU (one at a time), then cut to this rank's shard
     whole: dict[str, torch.Tensor] = {}
-    for link in links:
-        rows = [None] if link.expert is None else rows_of[link.ours].get(link.expert, [])
-        if not rows:
-            continue  # another rank's expert: not read
+    for i, (link, rows) in enumerate(reads):
         piece = folder.read(link.theirs, link.expert if link.their_expert else None, link.their_rows)
         if link.transpose:
             piece = piece.t()
@@ -173,7 +173,7 @@ def load_weights(
             if link.ours_rows is not None:
                 dest = dest[link.ours_rows[0] : link.ours_rows[1]]
             dest.copy_(piece)
-        if link.ours in whole and link is last_link[link.ours]:
+        if link.ours in whole and last[link.ours] == i:
             set_full(state[link.ours], whole.pop(link.ours))
     return folder
 
