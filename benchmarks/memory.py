@@ -85,9 +85,9 @@ def _local_bytes(t: torch.Tensor) -> int:
 def _expected_state_bytes(model: torch.nn.Module, world: int, ep: int, fsdp: bool) -> tuple[int, int]:
     """(expected, full) bytes of weight + gradient + two AdamW moments: of what one rank holds, and
     of the whole model (what one process holds)."""
-    from epmoe.model.init import stacked_expert_names
+    from epmoe.model.moe import expert_weight_names
 
-    experts = stacked_expert_names(model)
+    experts = expert_weight_names(model)
     full = expected = 0
     for name, p in model.named_parameters():
         n = p.numel()  # a DTensor's numel is the whole tensor's

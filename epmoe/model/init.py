@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from epmoe.config import ModelConfig, RouterConfig
-from epmoe.model.moe import named_moe_layers
+from epmoe.model.moe import expert_weight_names
 from epmoe.model.transformer import Transformer
 
 # in-place ops that set a tensor's values, and factories that make one with set values
@@ -106,12 +106,6 @@ def build_on_meta(model_cfg: ModelConfig, router_cfg: RouterConfig, seed: int) -
     return model, InitPlan(rules, seed)
 
 
-def stacked_expert_names(model: nn.Module) -> dict[str, str]:
-    """{stacked expert weight's name: its MoE layer's name} (the tensors drawn row by row)."""
-    return {f"{prefix}.experts.{w}": prefix for prefix, moe in named_moe_layers(model)
-            for w in moe.experts.stacked_weights()}  # fmt: skip
-
-
 def tied(model: nn.Module) -> dict[str, str]:
     """{parameter name: the first name of the same Parameter} of every slot tied to another (the head
     to the embedding under model.tie_embeddings)."""
@@ -151,7 +145,7 @@ def load_assigned(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def initialise(model: nn.Module, plan: InitPlan, device: torch.device) -> None:
     """Materialise a one-device model built by `build_on_meta` (every expert, in order) on `device`."""
     to_empty(model, device)
-    experts = stacked_expert_names(model)
+    experts = expert_weight_names(model)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         ids = list(range(t.shape[0])) if name in experts else None
         t.copy_(plan.value(name, tuple(t.shape), t.dtype, ids))

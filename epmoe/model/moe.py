@@ -75,6 +75,12 @@ class MoE(nn.Module):
         return self.dispatcher(x_TD, routing, self.experts, side)
 
 
+def expert_weight_names(model: nn.Module) -> dict[str, tuple[int, str]]:
+    """{full parameter name: (MoE layer y, weight name)} of every stacked expert weight of `model`."""
+    return {f"{prefix}.experts.{w}": (y, w) for y, (prefix, moe) in enumerate(named_moe_layers(model))
+            for w in moe.experts.stacked_weights()}  # fmt: skip
+
+
 def named_moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     """(module name, MoE) of every MoE layer of `model`, in model order: MoE layer y is the y-th."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]

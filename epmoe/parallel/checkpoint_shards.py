@@ -27,7 +27,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+from epmoe.parallel.materialize import cut_like, is_sharded
 
 DENSE = "dense"  # the checkpoint's folder of DCP files
 DENSE_METADATA = ".metadata"  # written last, by rank 0: the global tensors and where their shards are
@@ -94,15 +95,12 @@ class Shards:
 
     def full(self, t: object) -> object:
         """t whole: a DTensor's full tensor (collective over its mesh), anything else as it is."""
-        # DTensor is torch's type, not ours: asking it is the one way to tell a shard from a tensor
-        return t.full_tensor() if isinstance(t, DTensor) else t
+        return t.full_tensor() if is_sharded(t) else t
 
     def like(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """`full` cut as `param` is (its local shard, no communication: every rank read it whole);
         a DTensor (read by DCP as this run shards it) as it is."""
-        if not isinstance(param, DTensor) or isinstance(full, DTensor):
-            return full
-        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return full if is_sharded(full) else cut_like(full, param)
 
     def save_dense(self, folder: Path, state: dict[str, torch.Tensor], rank: int) -> list[str]:
         """Write `state` (flat keys, this rank's shards) with DCP into `folder` (collective); returns

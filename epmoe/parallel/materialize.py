@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from epmoe.model.init import InitPlan, stacked_expert_names, to_empty
+from epmoe.model.init import InitPlan, to_empty
+from epmoe.model.moe import expert_weight_names, named_moe_layers
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -24,12 +25,19 @@ def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def cut_like(full: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`full` cut as `t` is: a DTensor of `t`'s mesh and placements holding this rank's shard
+    (no communication: every rank has `full`), or `full` itself where `t` is a plain tensor."""
+    if not is_sharded(t):
+        return full
+    return distribute_tensor(full.to(t.device), t.device_mesh, t.placements, src_data_rank=None)
+
+
 @torch.no_grad()
 def set_full(t: torch.Tensor, full: torch.Tensor) -> None:
     """Set `t` (a plain tensor, or a DTensor shard of it) to the whole value `full` (no communication)."""
     if is_sharded(t):
-        shard = distribute_tensor(full.to(t.device), t.device_mesh, t.placements, src_data_rank=None)
-        t.to_local().copy_(shard.to_local())
+        t.to_local().copy_(cut_like(full, t).to_local())
     else:
         t.copy_(full)
 
@@ -39,7 +47,7 @@ def materialize(model: nn.Module, plan: InitPlan, expert_ids: dict[str, list[int
     """Allocate and initialise this rank's part of `model` on `device` (see the module docstring).
     expert_ids: {MoE layer name: the global expert id of each local row} (Parallel.local_expert_ids)."""
     to_empty(model, device)
-    experts = stacked_expert_names(model)
+    experts, layers = expert_weight_names(model), [name for name, _ in named_moe_layers(model)]
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        ids = expert_ids[experts[name]] if name in experts else None
+        ids = expert_ids[layers[experts[name][0]]] if name in experts else None
         set_full(t, plan.value(name, tuple(t.shape), t.dtype, ids))  # a DTensor's shape is the whole one

@@ -11,19 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from epmoe.model.moe import named_moe_layers
+from epmoe.model.moe import expert_weight_names, named_moe_layers
 from epmoe.parallel.checkpoint_shards import NO_SHARDS, Shards, model_key, optim_key, split_key
 from epmoe.placement.placement import Placement, RoutingStats
 from epmoe.train.checkpoint_files import CheckpointError, load_file
-
-
-def expert_params(model: nn.Module) -> dict[str, tuple[int, str]]:
-    """{full parameter name: (MoE layer, weight name)} of the stacked expert weights."""
-    out = {}
-    for y, (prefix, moe) in enumerate(named_moe_layers(model)):
-        for w in moe.experts.stacked_weights():
-            out[f"{prefix}.experts.{w}"] = (y, w)
-    return out
 
 
 def identity_placement(num_layers: int, num_experts: int) -> Placement | None:
@@ -72,7 +63,7 @@ def common_file_state(model, optimizer, scheduler, routing_window: RoutingStats 
     """Rank 0's common.pt; the optimizer's state is keyed by parameter name, not position.
     with_dense: it holds the non-expert model and optimizer state too (without FSDP; with it they
     are `dense_state`, written by every rank)."""
-    experts = expert_params(model)
+    experts = expert_weight_names(model)
     names = param_names(model, optimizer)
     opt = optimizer.state_dict()
     groups = [
@@ -94,7 +85,7 @@ def common_file_state(model, optimizer, scheduler, routing_window: RoutingStats 
 def dense_shard_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """This rank's shards of the non-expert model and optimizer state, by flat DCP key
     (epmoe/parallel/checkpoint_shards.py)."""
-    experts = expert_params(model)
+    experts = expert_weight_names(model)
     out = {model_key(k): v for k, v in model.state_dict().items() if k not in experts}
     for name, param in model.named_parameters():
         if name not in experts:

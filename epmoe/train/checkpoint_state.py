@@ -61,14 +61,13 @@ from epmoe.comm.process import all_reduce_sum_
 from epmoe.config import Config
 from epmoe.durable import fsync_path, sha256_file
 from epmoe.model.experts import GroupedExperts
-from epmoe.model.moe import named_moe_layers
+from epmoe.model.moe import expert_weight_names, named_moe_layers
 from epmoe.parallel.checkpoint_shards import DENSE_METADATA, NO_SHARDS, Shards, dense_file
 from epmoe.placement.placement import Placement, RoutingStats
 from epmoe.train.checkpoint_contents import (
     ExpertRows,
     common_file_state,
     dense_shard_state,
-    expert_params,
     experts_file_state,
     identity_placement,
     param_names,
@@ -214,7 +213,7 @@ def save(
             for row, name in enumerate(names)
             if report_F35[row, 34]
         }
-        weights = sorted({w for _, w in expert_params(model).values()}, key=GroupedExperts.WEIGHT_NAMES.index)
+        weights = sorted({w for _, w in expert_weight_names(model).values()}, key=GroupedExperts.WEIGHT_NAMES.index)
         layer_names = [name for name, _ in layers]
         record = build(step, cfg, dims, layer_names, weights, placement, files, data_source, dense)
         try:
@@ -298,7 +297,7 @@ def restore(
     ep_rank = dims.ep_rank(rank)
 
     # 1. model: the non-expert state (common.pt, or DCP's files), the rows of this rank's experts
-    experts = expert_params(model)
+    experts = expert_weight_names(model)
     local = {y: placement.experts_on_rank(y, ep_rank).tolist() for y in range(len(layers))}
     like = {k: v for k, v in model.state_dict().items() if k not in experts}
     state, dense_optimizer = read_non_expert(ckpt, manifest, common, like, shards)
