@@ -185,23 +185,35 @@ def _read_hf(path: Path, field: str) -> list[tuple[str, bytes]]:
     return [(f"{row + 1}", raw) for row, raw in dataset.documents(field, 0, dataset.open().num_rows)]
 
 
+def _existing_path(cfg: DataConfig) -> Path:
+    """data.path, which must be a file or a folder."""
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise DataError(f"data.path {path} does not exist")
+    if not (path.is_file() or path.is_dir()):
+        raise DataError(f"data.path {path} is neither a file nor a folder")
+    return path
+
+
+def _shards_of(cfg: DataConfig) -> tuple[Path, shards.Metadata]:
+    """data.kind=tokens: the folder and its metadata, checked against the shards' sizes, headers and
+    offsets (no token is read)."""
+    path = _existing_path(cfg)
+    if not path.is_dir():
+        raise DataError(f"data.kind=tokens needs the folder `python -m epmoe.data prepare --out` wrote; "
+                        f"{path} is a file")  # fmt: skip
+    return path, shards.read_metadata(path)
+
+
 def check_source(cfg: DataConfig) -> Path | None:
     """Check what can be checked without reading the corpus (the launcher calls this before any
     rank starts): the path exists and has the kind's shape (token shards: match their metadata).
     Returns the path (None for stdlib)."""
     if cfg.kind == "stdlib":
         return None
-    path = Path(cfg.path).expanduser()
-    if not path.exists():
-        raise DataError(f"data.path {path} does not exist")
-    if not (path.is_file() or path.is_dir()):
-        raise DataError(f"data.path {path} is neither a file nor a folder")
     if cfg.kind == "tokens":
-        if not path.is_dir():
-            raise DataError(f"data.kind=tokens needs the folder `python -m epmoe.data prepare --out` wrote; "
-                            f"{path} is a file")  # fmt: skip
-        shards.read_metadata(path)  # sizes, headers and offsets against the metadata: no token is read
-        return path
+        return _shards_of(cfg)[0]
+    path = _existing_path(cfg)
     if cfg.kind == "hf":  # the columns, from the schemas: nothing converted or read yet
         _hf_dataset(path).check_field(cfg.field, "data.field")
         return path
@@ -277,9 +289,9 @@ def load_splits(cfg: DataConfig, vocab_size: int) -> TokenSplits:
     binary or non-UTF-8 files in text data, bad jsonl lines, token files or a tokenizer that do
     not fit the model's vocabulary.
     """
-    path = check_source(cfg)
     if cfg.kind == "tokens":
-        return _load_shards(cfg, path, vocab_size)
+        return _load_shards(cfg, *_shards_of(cfg), vocab_size)
+    path = check_source(cfg)
     if path is None:
         docs = _read_stdlib()
         what = f"the Python standard library at {stdlib_root()}"
@@ -315,8 +327,7 @@ def check_vocab(cfg: DataConfig, vocab_size: int) -> None:
     if cfg.kind != "tokens":
         load_tokenizer(cfg.tokenizer).check_vocab(vocab_size)
         return
-    path = check_source(cfg)
-    meta = shards.read_metadata(path)
+    path, meta = _shards_of(cfg)
     meta.check_vocab(vocab_size, path)
     _shard_tokenizer(cfg, meta, path)
 
@@ -334,9 +345,8 @@ def _shard_tokenizer(cfg: DataConfig, meta: shards.Metadata, folder: Path) -> To
     return load_tokenizer(cfg.tokenizer)
 
 
-def _load_shards(cfg: DataConfig, folder: Path, vocab_size: int) -> TokenSplits:
+def _load_shards(cfg: DataConfig, folder: Path, meta: shards.Metadata, vocab_size: int) -> TokenSplits:
     """data.kind=tokens: the shards memory-mapped (nothing widened), bytes per token from the metadata."""
-    meta = shards.read_metadata(folder)
     meta.check_vocab(vocab_size, folder)
     tokenizer = _shard_tokenizer(cfg, meta, folder)
     shards.verify_sha256(folder, meta)  # the shards small enough to hash at every start
