@@ -146,20 +146,63 @@ def _hit_rate(topk_idx_TK: torch.Tensor, fire_TE: torch.Tensor) -> float:
     return (topk_idx_TK == fire_TE.argmax(1, keepdim=True)).any(1).float().mean().item()
 
 
+# a new run's train.* (train.init_from takes model, router and data from the checkpoint, not train.*)
+TRAIN = ["train=smoke", "train.precision=fp32", "train.eval_batches=1", "train.sample_bytes=0", "train.steps=3",
+         "train.eval_every=0", "logger.progress=false", "logger.plots=false"]  # fmt: skip
+
+
 def test_upcycled_checkpoints_train_from_step_0_with_the_dense_first_loss(dense_run: Path, tmp_path: Path) -> None:
-    """train.resume=<upcycled run> trains 3 steps from step 0 (a fresh optimizer), finite; copy's
-    first loss is the dense model's on the same batch."""
+    """train.init_from=<upcycled run> (a new run) and train.resume=<upcycled run> both train 3
+    steps from step 0 with a fresh optimizer, to the same losses; copy's first loss is the dense
+    model's on the same batch."""
     from epmoe.train.trainer import train
 
-    run = ["train.steps=3", "train.eval_every=0", "logger.progress=false", "logger.plots=false"]
-    dense_losses = train(load_config([f"train.resume={dense_run}", *run]), tmp_path / "dense").losses
+    dense_losses = train(load_config([f"train.resume={dense_run}", "train.steps=3", "train.eval_every=0"]),
+                         tmp_path / "dense").losses  # fmt: skip
     for method in ("copy", "clusters"):
         out = tmp_path / method
         assert main([str(dense_run), str(out), f"upcycle.method={method}", *FAST]) == 0
-        losses = train(load_config([f"train.resume={out}", *run]), tmp_path / f"{method}_train").losses
-        assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), (method, losses)
+        started = train(load_config([f"train.init_from={out}", *TRAIN]), tmp_path / f"{method}_init").losses
+        resumed = train(load_config([f"train.resume={out}", "train.steps=3", "train.eval_every=0"]),
+                        tmp_path / f"{method}_resume").losses  # fmt: skip
+        assert len(started) == 3 and all(torch.isfinite(torch.tensor(started))), (method, started)
+        assert started == pytest.approx(resumed, rel=1e-6), (method, started, resumed)
         if method == "copy":
-            assert abs(losses[0] - dense_losses[0]) <= 1e-5 * abs(dense_losses[0]), (losses, dense_losses)
+            assert abs(started[0] - dense_losses[0]) <= 1e-5 * abs(dense_losses[0]), (started, dense_losses)
+
+
+def test_init_from_an_upcycled_checkpoint_reshards_to_ep2_with_and_without_fsdp(dense_run: Path,
+                                                                                tmp_path: Path) -> None:  # fmt: skip
+    """The one-process step-0 checkpoint of a clusters upcycle (8 different experts) starts a run
+    at world 2 / EP 2 (each rank reads its 4 experts' rows) and at world 2 / EP 2 with FSDP2 (its
+    shards of the dense weights): the same losses as one process on the same global batch."""
+    from epmoe.train.trainer import train
+    from tests.ranks import spawn_jobs
+
+    out = tmp_path / "clusters"
+    assert main([str(dense_run), str(out), "upcycle.method=clusters", *FAST]) == 0
+    start = [f"train.init_from={out}", *TRAIN]
+    single = train(load_config([*start, "train.batch_size=4"]), tmp_path / "one").losses
+    runs = spawn_jobs(2, [([*start, "train.batch_size=2", "parallel.ep=2", f"parallel.fsdp={fsdp}"],
+                           tmp_path / f"ep2_fsdp_{fsdp}") for fsdp in ("false", "true")])  # fmt: skip
+    for fsdp, run in zip(("false", "true"), runs):
+        assert run["losses"] == pytest.approx(single, rel=1e-5), (fsdp, run["losses"], single)
+
+
+def test_init_from_refuses_another_architecture_and_a_missing_path(dense_run: Path, tmp_path: Path) -> None:
+    """Before any rank starts: an override that changes the checkpoint's architecture, and a path
+    that is neither a Hugging Face folder nor a checkpoint, are one-line errors naming the fix."""
+    from epmoe.train.checkpoint_files import CheckpointError
+    from epmoe.train.preflight import check
+
+    out = tmp_path / "copy"
+    assert main([str(dense_run), str(out), *FAST]) == 0
+    cfg = load_config([f"train.init_from={out}", *TRAIN, "model.n_heads=4"])
+    with pytest.raises(CheckpointError, match=r"model.n_heads 2 \(saved\) vs 4 \(now\); train.init_from takes the "
+                                              r"checkpoint's model and router: drop those overrides"):  # fmt: skip
+        check(cfg, tmp_path / "run", ranks_on_node=1)
+    with pytest.raises(CheckpointError, match="does not exist; give a Hugging Face folder"):
+        load_config([f"train.init_from={tmp_path / 'nowhere'}", *TRAIN])
 
 
 @pytest.mark.parametrize(

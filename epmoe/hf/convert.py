@@ -27,7 +27,7 @@ from epmoe.hf.links import HFError, Link, check_complete, their_shape
 from epmoe.model.init import to_empty
 from epmoe.model.transformer import Transformer
 from epmoe.parallel.materialize import is_sharded, set_full
-from epmoe.parallel.parallelize import Parallel, parallelize
+from epmoe.parallel.parallelize import Parallel, allocate_parallel
 from epmoe.validate import validate_model
 
 INDEX = "model.safetensors.index.json"
@@ -182,10 +182,7 @@ def load_parallel(cfg: Config, hf_dir: Path, device: torch.device) -> tuple[Tran
     """train.init_from: the model built on `meta`, parallelised (a collective when world > 1),
     then only this rank's shards materialised and read from the files (its own experts, never
     the others'). Returns the model, its Parallel and the folder (its `bytes_read`)."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.router)
-    par = parallelize(model, cfg, device)
-    to_empty(model, device)
+    model, par = allocate_parallel(cfg, device)
     return model, par, load_weights(model, cfg, hf_dir, par.local_expert_ids(model))
 
 

@@ -29,7 +29,9 @@ from epmoe.comm.communicator import ep_communicator
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.comm.process import RankInfo, all_reduce_sum_, init_from_env
 from epmoe.config import CommConfig, Config, ConfigError
+from epmoe.model.init import to_empty
 from epmoe.model.moe import moe_layers, named_moe_layers
+from epmoe.model.transformer import Transformer
 from epmoe.parallel.activation_checkpointing import apply_activation_checkpointing
 from epmoe.parallel.checkpoint_shards import NO_SHARDS, Shards
 from epmoe.parallel.chunk_tuner import ChunkTuner
@@ -167,3 +169,14 @@ def _with_fsdp(par: Parallel, model: nn.Module, cfg: Config, device: torch.devic
         par.sharding = apply_fsdp(model, par.dims, device, dispatcher_chunks(cfg.comm) is not None, param_dtype)
         par.shards = Shards()
     return par
+
+
+def allocate_parallel(cfg: Config, device: torch.device) -> tuple[Transformer, Parallel]:
+    """The configured model built on `meta`, parallelised (a collective when world > 1) and this
+    rank's part allocated on `device` with its values NOT set: for a caller that then loads every
+    tensor (a Hugging Face folder, an epmoe checkpoint)."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.router)
+    par = parallelize(model, cfg, device)
+    to_empty(model, device)
+    return model, par

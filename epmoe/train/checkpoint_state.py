@@ -248,6 +248,76 @@ class Resumed:
     routing_window: RoutingStats | None  # global counts since the last re-placement, if saved
 
 
+RESUME_FIX = "resume with the checkpoint's config (drop those overrides)"
+
+
+def check_architecture(ckpt: Path, manifest: dict, cfg: Config, fix: str = RESUME_FIX) -> None:
+    """Raise CheckpointError naming every difference when `cfg` has another architecture than the
+    checkpoint (manifest.ARCHITECTURE); `fix` ends the message. Reads no tensor: another
+    architecture may load without a shape error (n_heads)."""
+    if differences := architecture_differences(manifest["architecture"], architecture(cfg)):
+        raise CheckpointError(f"{ckpt}: the checkpoint's architecture differs from this run's: "
+                              f"{', '.join(differences)}; {fix}")  # fmt: skip
+
+
+@dataclass
+class LoadedWeights:
+    """What `load_weights` read that the optimizer's restore reads on from."""
+
+    common: dict  # common.pt
+    rows: ExpertRows  # the expert files
+    placement: Placement  # whose experts this rank loaded
+    local: dict[int, list[int]]  # {MoE layer index: this rank's global expert ids, in local order}
+    dense_optimizer: dict  # the non-expert optimizer state {param name: {key: value}} (read with the model)
+
+
+def load_weights(
+    ckpt: Path,
+    manifest: dict,
+    model: nn.Module,
+    cfg: Config,
+    rank: int,
+    dims: ParallelDims,
+    placement: Placement | None,
+    keep_saved_placement: bool = False,
+    shards: Shards = NO_SHARDS,
+    fix: str = RESUME_FIX,
+) -> LoadedWeights:
+    """Load the model state of `ckpt` into this rank's (sharded) model: the non-expert state and
+    the rows of the experts `placement` gives this rank (None: every expert local), by global id
+    from whichever file holds them. keep_saved_placement and shards: see `restore`. Raises
+    CheckpointError, before reading a tensor, for another architecture or other MoE layers
+    (`fix` ends the message)."""
+    check_architecture(ckpt, manifest, cfg, fix)
+    layers = named_moe_layers(model)
+    if manifest["moe_layers"] != [n for n, _ in layers] or manifest["num_experts"] != dims.num_experts:
+        raise CheckpointError(
+            f"{ckpt} holds {manifest['num_experts']} experts in MoE layers {manifest['moe_layers']}, this model "
+            f"{dims.num_experts} in {[n for n, _ in layers]}: {fix}"
+        )
+    rows = ExpertRows(ckpt, manifest)
+    placement = placement or identity_placement(len(layers), dims.num_experts)
+    saved_map = rows.saved
+    if keep_saved_placement and saved_map is not None and saved_map.ep == dims.ep:
+        if saved_map.slots_per_rank == placement.slots_per_rank:  # same slots (replicas too): continue it
+            placement = saved_map
+    common = load_file(ckpt / COMMON)
+    ep_rank = dims.ep_rank(rank)
+    experts = expert_weight_names(model)
+    local = {y: placement.experts_on_rank(y, ep_rank).tolist() for y in range(len(layers))}
+    like = {k: v for k, v in model.state_dict().items() if k not in experts}
+    state, dense_optimizer = read_non_expert(ckpt, manifest, common, like, shards)
+    for name, (y, w) in experts.items():
+        state[name] = rows.stacked(y, local[y], w)
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under both names
+    state = {k: shards.like(v, params[k]) if k in params else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt} does not fit this model: {str(e).strip().splitlines()[0]}") from None
+    return LoadedWeights(common, rows, placement, local, dense_optimizer)
+
+
 def restore(
     ckpt: Path,
     model: nn.Module,
@@ -275,40 +345,12 @@ def restore(
     """
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
-    # before any tensor is read: another architecture may load without a shape error (n_heads)
-    if differences := architecture_differences(manifest["architecture"], architecture(cfg)):
-        raise CheckpointError(
-            f"{ckpt}: the checkpoint's architecture differs from this run's: {', '.join(differences)}; "
-            "resume with the checkpoint's config (drop those overrides)"
-        )
-    layers = named_moe_layers(model)
-    if manifest["moe_layers"] != [n for n, _ in layers] or manifest["num_experts"] != dims.num_experts:
-        raise CheckpointError(
-            f"{ckpt} holds {manifest['num_experts']} experts in MoE layers {manifest['moe_layers']}, this model "
-            f"{dims.num_experts} in {[n for n, _ in layers]}: resume with the checkpoint's model config"
-        )
-    rows = ExpertRows(ckpt, manifest)
-    placement = placement or identity_placement(len(layers), dims.num_experts)
-    saved_map = rows.saved
-    if keep_saved_placement and saved_map is not None and saved_map.ep == dims.ep:
-        if saved_map.slots_per_rank == placement.slots_per_rank:  # same slots (replicas too): continue it
-            placement = saved_map
-    common = load_file(ckpt / COMMON)
-    ep_rank = dims.ep_rank(rank)
-
     # 1. model: the non-expert state (common.pt, or DCP's files), the rows of this rank's experts
+    loaded = load_weights(ckpt, manifest, model, cfg, rank, dims, placement, keep_saved_placement, shards)
+    common, rows, placement, local, dense_optimizer = (loaded.common, loaded.rows, loaded.placement, loaded.local,
+                                                       loaded.dense_optimizer)  # fmt: skip
     experts = expert_weight_names(model)
-    local = {y: placement.experts_on_rank(y, ep_rank).tolist() for y in range(len(layers))}
-    like = {k: v for k, v in model.state_dict().items() if k not in experts}
-    state, dense_optimizer = read_non_expert(ckpt, manifest, common, like, shards)
-    for name, (y, w) in experts.items():
-        state[name] = rows.stacked(y, local[y], w)
-    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under both names
-    state = {k: shards.like(v, params[k]) if k in params else v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt} does not fit this model: {str(e).strip().splitlines()[0]}") from None
+    params = dict(model.named_parameters(remove_duplicate=False))
 
     # 2. optimizer: state by parameter name; expert state rows stacked in local order
     names = param_names(model, optimizer)

@@ -32,8 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from epmoe.config import Config, ConfigError, bad_choice, choice_type, field_types, register_configs
-from epmoe.hf.convert import config_from_hf
 from epmoe.train import checkpoint_files
+from epmoe.train.init_from import starting_point
 from epmoe.validate import validate
 
 CONFIG_MODULE = "epmoe.conf"
@@ -116,8 +116,9 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def with_checkpoint_config(composed: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """Under train.resume: the checkpoint's saved config with what `overrides` set on top (see the
-    module docstring). Under train.init_from (and no resume): the Hugging Face folder's model,
-    router and tokenizer with what `overrides` set on top. Else `composed` unchanged. Raises
+    module docstring). Under train.init_from (and no resume): what the starting point fixes (a
+    Hugging Face folder's model, router and tokenizer; a checkpoint's model, router and data:
+    epmoe/train/init_from.py) with what `overrides` set on top. Else `composed` unchanged. Raises
     CheckpointError if there is no checkpoint, HFError if the folder cannot be imported."""
     resume = OmegaConf.select(composed, "train.resume")
     init_from = OmegaConf.select(composed, "train.init_from")
@@ -128,7 +129,7 @@ def with_checkpoint_config(composed: DictConfig, overrides: Sequence[str]) -> Di
         except Exception as e:  # a checkpoint of an older schema
             raise ConfigError(f"the config saved in {resume} does not fit this version's: {config_error(e)}") from None
     elif init_from:
-        base = OmegaConf.structured(config_from_hf(Path(init_from).expanduser()))
+        base = OmegaConf.structured(starting_point(Path(init_from)).config())
     else:
         return composed
     now = _leaves(OmegaConf.to_container(composed, enum_to_str=True))

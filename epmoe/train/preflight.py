@@ -8,7 +8,8 @@ naming the value and the fix, raised as ConfigError, DataError or CheckpointErro
 2. the run directory is writable (its nearest existing folder), no other run holds it, and it
    holds no earlier run's checkpoints unless this run resumes them;
 3. the resume target exists, its manifest is valid, and train.steps goes beyond its step; or
-   the train.init_from folder's tensors are exactly those of the configured model (headers only);
+   train.init_from fits the configured model (a Hugging Face folder's tensors are exactly the
+   model's, headers only; a checkpoint's manifest reads and has the model's architecture);
 4. the model's parameters and optimizer state (and a rough share of activations) fit in the
    memory this node's ranks share;
 5. the run directory's filesystem has room for one checkpoint of this model; train.threads
@@ -27,10 +28,10 @@ from pathlib import Path
 import torch
 
 from epmoe.config import Config, ConfigError, DataConfig
-from epmoe.hf.convert import plan as hf_plan
 from epmoe.model.size import ParameterCounts, parameter_counts
 from epmoe.train import checkpoint_files, run_lock
 from epmoe.train.data import DataError, check_source, check_vocab
+from epmoe.train.init_from import starting_point
 
 GiB = 1 << 30
 # bytes of training state per parameter: fp32 weight, fp32 gradient, AdamW's two fp32 moments
@@ -47,8 +48,8 @@ def check(cfg: Config, run_dir: Path, ranks_on_node: int, restart: int = 0, lock
     _check_run_dir(Path(run_dir), resuming=bool(cfg.train.resume) or restart > 0, lock=lock)
     if cfg.train.resume:
         check_resume(cfg, Path(cfg.train.resume))
-    elif cfg.train.init_from:  # every tensor of the folder fits the model and none is missing (headers only)
-        hf_plan(Path(cfg.train.init_from).expanduser(), cfg)
+    elif cfg.train.init_from:
+        starting_point(Path(cfg.train.init_from)).check(cfg)
     counts = parameter_counts(cfg.model, cfg.router)
     _check_memory(cfg, counts, ranks_on_node)
     _check_disk(Path(run_dir), counts)

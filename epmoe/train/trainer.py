@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from epmoe.comm.process import all_reduce_sum_, ranks_on_this_node, restart_count
 from epmoe.config import Config, ConfigError, LoggerConfig, TrainConfig
-from epmoe.hf.convert import load_parallel
 from epmoe.host_memory import retain_freed_host_memory
 from epmoe.model.init import build_on_meta
 from epmoe.model.moe import moe_layers
@@ -45,6 +44,7 @@ from epmoe.train.console import human
 from epmoe.train.data import TokenSplits, fingerprint, load_splits
 from epmoe.train.engine import Engine, NativeEngine, autocast
 from epmoe.train.hooks import FaultDrill, build_hooks, routing_callback
+from epmoe.train.init_from import starting_point
 from epmoe.train.loggers import Loggers
 from epmoe.train.plots import expert_load_images, plot_run, run_title
 from epmoe.train.routing_stats import RoutingCounts, RoutingTrace
@@ -112,7 +112,7 @@ class Trainer:
 
         self.data: TokenSplits = load_splits(cfg.data, cfg.model.vocab_size)
         if t_cfg.init_from and not t_cfg.resume:
-            self.model, self.par = self._import_model(Path(t_cfg.init_from).expanduser())
+            self.model, self.par = self._start_from(Path(t_cfg.init_from))
         else:  # built on meta, parallelised, then only this rank's part allocated and initialised
             self.model, plan = build_on_meta(cfg.model, cfg.router, t_cfg.seed)
             self.par = parallelize(self.model, cfg, self.device)
@@ -145,11 +145,10 @@ class Trainer:
         self.loggers: Loggers | None = None
         self.stopped = False  # by a signal, with its checkpoint saved
 
-    def _import_model(self, hf_dir: Path) -> tuple[Transformer, Parallel]:
-        model, par, folder = load_parallel(self.cfg, hf_dir, self.device)
+    def _start_from(self, path: Path) -> tuple[Transformer, Parallel]:
+        model, par, line = starting_point(path).load(self.cfg, self.device)
         if par.info.is_main:
-            print(f"imported {hf_dir} ({self.cfg.model.family}): rank 0 read {folder.bytes_read / 1e6:,.1f} MB of "
-                  "its tensors", file=sys.stderr)  # fmt: skip
+            print(line, file=sys.stderr)
         return model, par
 
     def _lock_run_dir(self) -> RunLock | None:

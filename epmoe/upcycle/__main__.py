@@ -10,8 +10,10 @@
                       upcycle.kmeans_iters=N, upcycle.seed=S
 
 It writes `<run dir>/checkpoints/step_00000000` with a fresh optimizer (empty moments) and its
-LR schedule at step 0, as `python -m epmoe.hf import` does; continue with
-`python -m epmoe.train train.resume=<run dir> [train.steps=...]`. It prints the deviation from the
+LR schedule at step 0, as `python -m epmoe.hf import` does. Train from it as a new run with
+`python -m epmoe.train train.init_from=<run dir> [train.* parallel.* ...]` (its model, router and
+data; the command line's train.*), or continue its saved config with `train.resume=<run dir>`.
+It prints the deviation from the
 dense model (relative logits error and loss on held-out tokens of the configured data). Errors
 (a missing source, one that already has experts, sizes the method cannot build) are one line and
 exit 2; nothing is written then.
@@ -58,7 +60,7 @@ def run(source: Path, run_dir: Path, overrides: list[str]) -> tuple[Path, Report
           f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
     for line in report.lines():
         print(line)
-    print(f"wrote {ckpt}; continue with train.resume={run_dir}")
+    print(f"wrote {ckpt}; train from it with train.init_from={run_dir} (or continue it with train.resume=)")
     return ckpt, report
 
 
