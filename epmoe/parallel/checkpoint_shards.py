@@ -13,6 +13,8 @@ The experts keep the format of unsharded runs (one file per EP rank, rows keyed 
 id, so that any placement loads them): under FSDP each is gathered over its expert-DP group only
 (`Shards.full`), which brings together the rows a rank without FSDP holds anyway.
 NOTE: with parallel.ep=1 that is every expert, gathered onto each rank.
+NOTE: torch.distributed.checkpoint is imported where it is used: a run without FSDP never touches
+DCP files, and the import (DTensor's and sympy's, ~0.9 s) was the largest part of a rank's start.
 NOTE: DCP's `.metadata` is a pickle (torch's format, not ours); a restore verifies every file's
 sha256 against the manifest before DCP reads it.
 """
@@ -22,13 +24,14 @@ from __future__ import annotations
 import errno
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.api import CheckpointException
 
 from epmoe.parallel.materialize import cut_like, is_sharded
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.api import CheckpointException
 
 DENSE = "dense"  # the checkpoint's folder of DCP files
 DENSE_METADATA = ".metadata"  # written last, by rank 0: the global tensors and where their shards are
@@ -66,6 +69,8 @@ def _template(folder: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """Tensors to load every key of the DCP checkpoint `folder` into: where `like` {model state name:
     tensor} has the key's parameter and the saved global shape is its shape (the parameter, or
     optimizer state shaped like it), its kind (a DTensor sharded as this run shards it); else whole."""
+    from torch.distributed.checkpoint import FileSystemReader
+
     metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     out = {}
     for key, meta in metadata.items():
@@ -80,10 +85,12 @@ def _template(folder: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Te
 def read_dense(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the DCP checkpoint `folder` whole, by flat key; no process group (each
     caller reads every shard)."""
+    import torch.distributed.checkpoint as dcp
+
     state = _template(folder, {})
     with warnings.catch_warnings():  # DCP warns that it reads in one process: that is what is asked here
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(state, storage_reader=FileSystemReader(str(folder)), no_dist=True)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
     return state
 
 
@@ -106,8 +113,11 @@ class Shards:
         """Write `state` (flat keys, this rank's shards) with DCP into `folder` (collective); returns
         the files, relative to `folder`, that this rank wrote. Raises OSError on every rank when a
         write failed on any (DCP gathers the failures)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
-            dcp.save(state, storage_writer=FileSystemWriter(str(folder), thread_count=1, sync_files=True))
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder), thread_count=1, sync_files=True))
         except CheckpointException as e:  # a BaseException: turn it into what a failed write is
             raise OSError(save_errno(e), f"torch.distributed.checkpoint: {e}") from None
         mine = [dense_file(rank)] + ([DENSE_METADATA] if rank == 0 else [])
@@ -116,8 +126,10 @@ class Shards:
     def load_dense(self, folder: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The DCP checkpoint `folder` by flat key, each tensor cut as its parameter in `like` {model
         state name: tensor} is (collective: DCP plans the reads over the process group)."""
+        import torch.distributed.checkpoint as dcp
+
         state = _template(folder, like)
-        dcp.load(state, storage_reader=FileSystemReader(str(folder)))
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)))
         return state
 
 

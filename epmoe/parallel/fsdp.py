@@ -27,15 +27,19 @@ comm.dispatcher=alltoall (refused otherwise, in one line).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.config import ConfigError
 from epmoe.model.moe import moe_layers
 from epmoe.parallel.gradients import Sharding
+
+if TYPE_CHECKING:  # NOTE: imported where FSDP2 runs: a run without it skips their ~0.8 s import (DTensor's)
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 
 def _shard(
@@ -48,6 +52,8 @@ def _shard(
     # NOTE: the root too frees its gathered weights after forward (FSDP2 keeps the root's by
     # default): between steps every parameter is then its shard, as the optimizer and checkpoints
     # (which name parameters) see them
+    from torch.distributed.fsdp import fully_shard
+
     fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=ignored or None, mp_policy=policy)
     module.set_force_sum_reduction_for_comms(True)
     # NOTE: a rank whose tokens skipped a weight still owes the reduce-scatter its (zero) share
@@ -59,6 +65,8 @@ def _shard(
 def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
     """FSDP2's policy: parameters gathered in `param_dtype` for forward and backward (None: as
     stored, fp32), gradients reduced in fp32 into the fp32 shards the optimizer steps."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
@@ -78,6 +86,8 @@ def apply_fsdp(
             f"parallel.fsdp=true shards the experts over their expert-DP group (world {dims.world} / ep {dims.ep}), "
             "which the pipelined dispatcher cannot drive: use comm.dispatcher=alltoall, or parallel.ep=world size"
         )
+    from torch.distributed.device_mesh import init_device_mesh
+
     world_mesh = init_device_mesh(device.type, (dims.world,), mesh_dim_names=("dp",))
     experts = [p for moe in moe_layers(model) for p in moe.experts.stacked_weights().values()]
     ignored: set[nn.Parameter] = set(experts) if dims.ep > 1 and not shard_experts else set()

@@ -7,13 +7,16 @@ and initialises only what it holds (its experts' rows; under FSDP2 its shards of
    whole then cut to this rank's shard (NOTE: the largest such tensor, typically the embedding,
    is drawn whole, one at a time: the peak is one tensor, not the model).
 `set_full` is also how a Hugging Face import writes a tensor it read whole into a sharded one.
+`parallelize.allocate_parallel` is step 1 alone, for a start that reads every tensor from files
+(train.init_from).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from epmoe.model.init import InitPlan, to_empty
 from epmoe.model.moe import expert_weight_names, named_moe_layers
@@ -21,8 +24,11 @@ from epmoe.model.moe import expert_weight_names, named_moe_layers
 
 def is_sharded(t: torch.Tensor) -> bool:
     """Whether `t` is this rank's shard of a larger tensor (FSDP2's DTensor) rather than the tensor."""
-    # DTensor is torch's type, not ours: asking it is the one way to tell a shard from a tensor
-    return isinstance(t, DTensor)
+    # DTensor is torch's type, not ours: asking it is the one way to tell a shard from a tensor.
+    # NOTE: until FSDP2 imports torch.distributed.tensor (~0.8 s) no tensor can be a DTensor, so
+    # a run without FSDP does not import it here either
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def cut_like(full: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -30,6 +36,8 @@ def cut_like(full: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     (no communication: every rank has `full`), or `full` itself where `t` is a plain tensor."""
     if not is_sharded(t):
         return full
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(full.to(t.device), t.device_mesh, t.placements, src_data_rank=None)
 
 

@@ -16,19 +16,25 @@ import re
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-
-from epmoe.config import Config  # noqa: E402
+from epmoe.config import Config
 
 History = list[dict[str, Any]]
 MAX_HEATMAPS = 8  # more MoE layers than this: evenly spaced ones (a 60-layer model's rows would be slivers)
 LAYER_KEY = re.compile(r"moe/L(\d+)/imbalance$")
 SMOOTHING = 0.9  # TensorBoard's default weight for the debiased moving average
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported at the first
+    figure: a process that draws none (every rank but 0; logger.plots=false) skips its ~0.6 s import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def smooth(values: list[float], weight: float = SMOOTHING) -> np.ndarray:
@@ -96,6 +102,7 @@ def _lr_panel(ax, history: History) -> None:
 
 def _routing_panels(fig, cell, history: History, blocks: list[int]) -> None:
     """Three stacked axes sharing the step axis: imbalance, aux loss and drop fraction per layer."""
+    plt = pyplot()
     axes = cell.subgridspec(3, 1, hspace=0.08).subplots(sharex=True)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(blocks)))
     names = (("imbalance", "imbalance (max/mean)"), ("aux_loss", "aux loss"), ("drop_frac", "drop fraction"))
@@ -123,6 +130,8 @@ def _load_shares(history: History) -> tuple[list[int], np.ndarray]:
 def _draw_heatmap(ax, steps: list[int], share_TE: np.ndarray, block: int, vmax: float):
     """One layer's load over time: x steps, y experts, colour centred (white) on the uniform 1/E,
     blue below it, red above, up to `vmax` (at least 2/E)."""
+    from matplotlib.colors import TwoSlopeNorm
+
     E = share_TE.shape[1]
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0 / E, vmax=max(vmax, 2.0 / E))
     im = ax.imshow(share_TE.T, aspect="auto", origin="lower", cmap="RdBu_r", norm=norm, interpolation="nearest",
@@ -153,6 +162,7 @@ def plot_run(history: History, path: Path, title: str = "") -> Path:
 
 def training_figure(history: History, title: str = ""):
     """The 2x2 figure of one run's metric history (1x2 for a dense model): see the module docstring."""
+    plt = pyplot()
     blocks = moe_blocks(history) if any(r.get("expert_load") for r in history) else []
     if blocks:
         fig = plt.figure(figsize=(15, 10), layout="constrained")
@@ -173,6 +183,7 @@ def training_figure(history: History, title: str = ""):
 def plot_runs(histories: dict[str, History], path: Path) -> Path:
     """Overlay several runs (a sweep): smoothed training loss and validation loss, one colour per
     run, labelled by the dict's keys."""
+    plt = pyplot()
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(15, 5), layout="constrained")
     for i, (label, history) in enumerate(histories.items()):
         steps, loss = _series(history, "loss")
@@ -194,6 +205,7 @@ def expert_load_images(history: History) -> dict[str, np.ndarray]:
     dashboards; empty for a dense model."""
     if not any(r.get("expert_load") for r in history):
         return {}
+    plt = pyplot()
     blocks = moe_blocks(history)
     steps, share_YTE = _load_shares(history)
     images = {}
@@ -210,6 +222,7 @@ def expert_load_images(history: History) -> dict[str, np.ndarray]:
 
 def _save(fig, path: Path) -> Path:
     """Write atomically: a reader (or a kill) never sees a half-written PNG."""
+    plt = pyplot()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=100, format="png")
