@@ -269,22 +269,10 @@ def _validate_launcher(lc: LauncherConfig) -> None:
 
 
 def _validate_fsdp(cfg: Config) -> None:
-    """parallel.fsdp=true: what this first FSDP2 slice does not combine with yet."""
+    """parallel.fsdp=true: what it does not combine with."""
     if cfg.train.engine == "deepspeed":
         raise ConfigError("parallel.fsdp=true with train.engine=deepspeed: DeepSpeed's ZeRO already shards; use "
                           "train.engine=native with parallel.fsdp=true")  # fmt: skip
-    pc = cfg.placement
-    if pc.slots_per_rank or pc.policy == "redundant":
-        raise ConfigError(
-            f"parallel.fsdp=true with replicas (placement.policy={pc.policy}, placement.slots_per_rank="
-            f"{pc.slots_per_rank}) is not supported yet: replicas are synchronised and migrated with unsharded "
-            "optimizer state; use placement=contiguous or round_robin, or parallel.fsdp=false"
-        )
-    if pc.rebalance_every > 0:
-        raise ConfigError(
-            f"parallel.fsdp=true with placement.rebalance_every ({pc.rebalance_every}) is not supported yet: "
-            "migration moves unsharded optimizer state; set placement.rebalance_every=0 or parallel.fsdp=false"
-        )
 
 
 def validate(cfg: Config) -> Config:

@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 
 from epmoe.comm.parallel_dims import ParallelDims
 from epmoe.config import ConfigError
-from epmoe.parallel.fsdp import apply_fsdp
+from epmoe.parallel.fsdp import summary as fsdp_summary
+from epmoe.parallel.fsdp import whole_experts_reason
 from epmoe.train import checkpoint_files
 from epmoe.train.cli import load_config
 from epmoe.train.trainer import train
@@ -49,7 +50,12 @@ def _assert_same(reference: list[float], other: list[float], what: str) -> None:
 # (world, ep, dispatcher, steps, grad_accum, precision) of each equivalence case
 CASES = {"w2ep2": (2, 2, "alltoall", 20, 1, "fp32"), "w2ep2-pipelined": (2, 2, "pipelined", 20, 1, "fp32"),
          "w2ep2-bf16": (2, 2, "alltoall", 5, 1, "bf16"), "w4ep2-experts-sharded": (4, 2, "alltoall", 10, 1, "fp32"),
-         "w4ep2-accum2": (4, 2, "alltoall", 5, 2, "fp32")}  # fmt: skip
+         "w4ep2-accum2": (4, 2, "alltoall", 5, 2, "fp32"),
+         "w4ep2-pipelined-experts-whole": (4, 2, "pipelined", 10, 1, "fp32"),
+         "w4ep2-replicas-experts-whole": (4, 2, "alltoall", 10, 1, "fp32")}  # fmt: skip
+# beyond parallelism, what a case's FSDP run adds (placement never changes the math: one process has none)
+REPLICAS = ["placement=redundant", "placement.slots_per_rank=5", "placement.rebalance_every=4"]
+PLACEMENT = {"w4ep2-replicas-experts-whole": REPLICAS}
 # bf16: FSDP2 gathers the weights in bf16 (8 significand bits: a rounding of up to 2^-9 relative),
 # so every matmul input is rounded as under the one-process run's autocast, but FSDP also rounds the
 # norms' weights and the residual stream, which autocast keeps in fp32; each step's loss then
@@ -69,7 +75,8 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory, text_corpus_dir: Path) -
     for world in (2, 4):
         names = [name for name, (w, *_) in CASES.items() if w == world]
         jobs = [([*_case_base(text_corpus_dir, name), f"parallel.ep={CASES[name][1]}", "parallel.fsdp=true",
-                  f"comm.dispatcher={CASES[name][2]}"], root / name) for name in names]  # fmt: skip
+                  f"comm.dispatcher={CASES[name][2]}", *PLACEMENT.get(name, [])], root / name)
+                for name in names]  # fmt: skip
         results.update(zip(names, spawn_jobs(world, jobs)))
     return results
 
@@ -172,27 +179,58 @@ def test_fsdp_checkpoints_reshard_across_world_ep_and_fsdp_both_ways(tmp_path: P
     assert from_w2["val"] == pytest.approx(single.val_loss, rel=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (
-            ["train.engine=deepspeed"],
-            "DeepSpeed's ZeRO already shards; use train.engine=native with parallel.fsdp=true",
-        ),
-        (["placement=balanced"], "migration moves unsharded optimizer state"),
-        (["placement=redundant", "placement.slots_per_rank=3"], "replicas are synchronised and migrated"),
-    ],
-)
-def test_fsdp_refuses_what_it_does_not_combine_with_in_one_line(overrides: list[str], message: str) -> None:
+def test_fsdp_refuses_deepspeed_in_one_line() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config([*TINY, "model.num_experts=4", "parallel.ep=2", "parallel.fsdp=true", *overrides])
-    assert message in str(info.value) and "\n" not in str(info.value)
+        load_config([*TINY, "model.num_experts=4", "parallel.ep=2", "parallel.fsdp=true", "train.engine=deepspeed"])
+    assert "DeepSpeed's ZeRO already shards; use train.engine=native with parallel.fsdp=true" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
-def test_fsdp_refuses_sharded_experts_under_the_pipelined_dispatcher() -> None:
-    dims = ParallelDims(world=4, dp=4, ep=2, num_experts=4)  # expert-DP 2: the experts would be sharded
-    with pytest.raises(ConfigError, match="use comm.dispatcher=alltoall"):
-        apply_fsdp(torch.nn.Module(), dims, torch.device("cpu"), pipelined=True)
+@pytest.mark.parametrize(
+    ("world", "ep", "overrides", "says"),
+    [
+        (4, 2, [], "fsdp: non-expert weights sharded over 4 ranks, each rank's experts over their expert-DP group "
+                   "(2 ranks)"),
+        (4, 2, ["comm.dispatcher=pipelined"], "fsdp: non-expert weights sharded over 4 ranks; each rank's experts kept "
+         "whole and their gradients all-reduced over expert-DP (2 ranks), as without FSDP: the pipelined dispatcher "
+         "(comm.dispatcher=pipelined) differentiates them chunk by chunk itself"),
+        (4, 2, ["placement=balanced", "placement.rebalance_every=4"], "as without FSDP: re-placement "
+         "(placement=balanced) moves whole experts with their optimizer state"),
+        (4, 2, REPLICAS, "as without FSDP: replicas (placement=redundant) moves whole experts"),
+        (2, 2, REPLICAS, "fsdp: non-expert weights sharded over 2 ranks; each rank's experts whole (parallel.ep = "
+                         "world size)"),
+        (4, 1, [], "fsdp: every weight sharded over 4 ranks"),
+    ],
+)  # fmt: skip
+def test_the_header_says_what_fsdp_shards_and_why_experts_stay_whole(world: int, ep: int, overrides: list[str],
+                                                                     says: str) -> None:  # fmt: skip
+    """Where expert-DP > 1 could cut the experts but the pipelined dispatcher, replicas or
+    re-placement need them whole, they stay whole and the run's header line says why."""
+    cfg = load_config([*TINY, "model.num_experts=8", f"parallel.ep={ep}", "parallel.fsdp=true", *overrides])
+    dims = ParallelDims(world=world, dp=world, ep=ep, num_experts=8)
+    line = fsdp_summary(dims, whole_experts_reason(cfg, dims))
+    assert says in line and "\n" not in line, line
+
+
+def test_fsdp_with_replicas_and_replacement_equals_one_process_and_resumes(
+    tmp_path: Path, text_corpus_dir: Path
+) -> None:
+    """World 2 / EP 2 with FSDP2 (experts whole on each rank) and redundant re-placement every 4
+    steps (5 slots per rank for 4 experts each: replicas, moved with their AdamW state): 12 steps
+    equal one process's; resumed from its step-8 checkpoint (replicas in the saved placement) the
+    last 4 losses do too."""
+    base = [*_base(text_corpus_dir, 12), "train.checkpoint_every=8"]
+    single = train(load_config([*base, "train.batch_size=4"]), tmp_path / "single")
+    w2 = [*base, "parallel.ep=2", "parallel.fsdp=true", *REPLICAS]
+    run, resumed = spawn_jobs(2, [(w2, tmp_path / "w2"), ([*w2, f"train.resume={_step(tmp_path / 'w2', 8)}"],
+                                                          tmp_path / "w2b")])  # fmt: skip
+    _assert_same(single.losses, run["losses"], "world 2 ep 2 fsdp with replicas")
+    _assert_same(single.losses[8:], resumed["losses"], "world 2 ep 2 fsdp with replicas, resumed at step 8")
+    records = [json.loads(line) for line in (tmp_path / "w2" / "metrics.jsonl").read_text().splitlines()]
+    moves = [r for r in records if "placement_bytes_moved" in r]
+    assert [r["step"] for r in moves] == [4, 8] and sum(r["placement_bytes_moved"] for r in moves) > 0
+    saved = checkpoint_files.verify(_step(tmp_path / "w2", 8))["placement"]
+    assert [(len(slots), len(set(slots))) for slots in saved["expert_of_slot_YS"]] == [(10, 8)] * 2  # 2 replicas
 
 
 def test_fsdp_in_one_process_is_a_no_op(tmp_path: Path, text_corpus_dir: Path) -> None:

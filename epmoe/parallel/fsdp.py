@@ -20,9 +20,13 @@ backward (the activations follow: bf16 end to end, under autocast as without FSD
 gradients in fp32 and the optimizer steps the fp32 shards; each router's gate is its own FSDP
 group gathered in fp32, so routing stays fp32 as router.py computes it.
 
-The pipelined dispatcher differentiates the experts inside its own autograd Function, calling
-them once per chunk; FSDP2's hooks cannot follow that, so sharded experts (expert-DP > 1) need
-comm.dispatcher=alltoall (refused otherwise, in one line).
+Experts that need to stay whole: the pipelined dispatcher differentiates the experts inside its
+own autograd Function, once per chunk (FSDP2's hooks cannot follow that), and replicas and online
+re-placement move experts between ranks as whole rows with their AdamW state (migration.py,
+replicas.py). Where one of them is on and expert-DP > 1, each rank's experts are not cut (step 2
+is skipped): they stay whole, replicated over expert-DP with their gradients all-reduced over it,
+as without FSDP, while FSDP2 still shards every non-expert weight. `whole_experts_reason` says
+why, and the run's header says so (`summary`): nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from torch import nn
 
 from epmoe.comm.parallel_dims import ParallelDims
-from epmoe.config import ConfigError
+from epmoe.config import Config
 from epmoe.model.moe import moe_layers
 from epmoe.parallel.gradients import Sharding
 
@@ -70,22 +74,50 @@ def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
+def whole_experts_reason(cfg: Config, dims: ParallelDims) -> str | None:
+    """Why this run keeps each rank's experts whole where FSDP2 could cut them over expert-DP (> 1
+    rank), or None: it cuts them, or there is nothing to cut them over (see the module docstring)."""
+    if not (dims.ep > 1 and dims.world // dims.ep > 1):
+        return None
+    if cfg.comm.dispatcher == "pipelined":
+        return "the pipelined dispatcher (comm.dispatcher=pipelined) differentiates them chunk by chunk itself"
+    pc = cfg.placement
+    if pc.rebalance_every > 0:
+        what = "replicas (placement=redundant)" if pc.policy == "redundant" else f"re-placement (placement={pc.policy})"
+        return f"{what} moves whole experts with their optimizer state"
+    return None
+
+
+def summary(dims: ParallelDims, reason: str | None) -> str:
+    """One line for the run's header: what parallel.fsdp=true shards over which ranks."""
+    expert_dp = dims.world // dims.ep
+    if dims.ep == 1:
+        return f"fsdp: every weight sharded over {dims.world} ranks"
+    head = f"fsdp: non-expert weights sharded over {dims.world} ranks"
+    if expert_dp == 1:
+        return f"{head}; each rank's experts whole (parallel.ep = world size)"
+    if reason is None:
+        return f"{head}, each rank's experts over their expert-DP group ({expert_dp} ranks)"
+    return (f"{head}; each rank's experts kept whole and their gradients all-reduced over expert-DP "
+            f"({expert_dp} ranks), as without FSDP: {reason}")  # fmt: skip
+
+
 def apply_fsdp(
-    model: nn.Module, dims: ParallelDims, device: torch.device, pipelined: bool, param_dtype: torch.dtype | None = None
+    model: nn.Module,
+    dims: ParallelDims,
+    device: torch.device,
+    param_dtype: torch.dtype | None = None,
+    whole_experts: bool = False,
 ) -> Sharding:
     """Shard `model` (its Blocks in `model.blocks`, after expert parallelism) as the module docstring
     says; returns which gradients FSDP now reduces. Collective: every rank calls it.
     param_dtype: bf16 for train.precision=bf16 (fp32 master weights and reductions); the routers'
-    gates stay fp32 (routing math in fp32, as without FSDP: router.py)."""
+    gates stay fp32 (routing math in fp32, as without FSDP: router.py). whole_experts: do not cut
+    the experts over expert-DP (`whole_experts_reason`)."""
     if dims.world == 1:
         return Sharding()
     expert_dp = dims.world // dims.ep
-    shard_experts = dims.ep > 1 and expert_dp > 1
-    if shard_experts and pipelined:
-        raise ConfigError(
-            f"parallel.fsdp=true shards the experts over their expert-DP group (world {dims.world} / ep {dims.ep}), "
-            "which the pipelined dispatcher cannot drive: use comm.dispatcher=alltoall, or parallel.ep=world size"
-        )
+    shard_experts = dims.ep > 1 and expert_dp > 1 and not whole_experts
     from torch.distributed.device_mesh import init_device_mesh
 
     world_mesh = init_device_mesh(device.type, (dims.world,), mesh_dim_names=("dp",))

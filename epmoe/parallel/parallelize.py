@@ -38,7 +38,8 @@ from epmoe.parallel.chunk_tuner import ChunkTuner
 from epmoe.parallel.compile import apply_compile
 from epmoe.parallel.data_parallel import apply_data_parallel
 from epmoe.parallel.expert_parallel import apply_expert_parallel, apply_placement
-from epmoe.parallel.fsdp import apply_fsdp
+from epmoe.parallel.fsdp import apply_fsdp, whole_experts_reason
+from epmoe.parallel.fsdp import summary as fsdp_summary
 from epmoe.parallel.gradients import UNSHARDED, GradientReducer, Sharding, clip_global_norm_, reduce_gradients
 from epmoe.parallel.migration import Rebalancer
 from epmoe.parallel.replicas import norm_weights, reduce_replica_grads, replica_rows
@@ -64,6 +65,7 @@ class Parallel:
     tuner: ChunkTuner | None = None  # comm.chunks=auto
     sharding: Sharding = UNSHARDED  # the gradients FSDP2 reduces itself (parallel.fsdp=true)
     shards: Shards = NO_SHARDS  # how checkpoints read and write FSDP2's sharded tensors
+    fsdp_summary: str = ""  # what FSDP2 shards over which ranks, for the run's header ("" without FSDP)
 
     @classmethod
     def single(cls, num_experts: int, info: RankInfo | None = None) -> Parallel:
@@ -166,7 +168,9 @@ def _with_fsdp(par: Parallel, model: nn.Module, cfg: Config, device: torch.devic
     apply_compile(model, cfg.train.compile)  # after checkpointing, before FSDP (torchtitan's order)
     if cfg.parallel.fsdp:
         param_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
-        par.sharding = apply_fsdp(model, par.dims, device, dispatcher_chunks(cfg.comm) is not None, param_dtype)
+        reason = whole_experts_reason(cfg, par.dims)
+        par.sharding = apply_fsdp(model, par.dims, device, param_dtype, whole_experts=reason is not None)
+        par.fsdp_summary = fsdp_summary(par.dims, reason)
         par.shards = Shards()
     return par
 

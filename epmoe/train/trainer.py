@@ -190,6 +190,8 @@ class Trainer:
             f"data {self.data.description}; run dir {self.run_dir}",
             file=sys.stderr,
         )
+        if par.fsdp_summary:
+            self.say(par.fsdp_summary, file=sys.stderr)
         peak = self.throughput.peak
         over = f"a peak of {peak.tflops:.3g} TFLOP/s per device ({peak.source})" if peak.tflops else peak.source
         self.say(f"mfu: {self.throughput.flops_per_token / 1e6:,.2f} MFLOP per training token (epmoe/model/size.py) "
